@@ -1,0 +1,61 @@
+"""Celery configuration, read lazily by ``config.app`` so the broker is resolved at start-up."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+from kombu import Queue
+
+from config.queues import (
+    CONTROL_QUEUE,
+    DELIVER_QUEUE,
+    GPU_QUEUE,
+    REALTIME_QUEUE,
+    SERVICE_QUEUES,
+)
+from config.settings import get_settings
+
+_s = get_settings()
+
+
+broker_url = _s.broker_url()
+broker_connection_retry_on_startup = True
+broker_transport_options = {
+    "visibility_timeout": _s.visibility_timeout_s,
+    "priority_steps": list(range(10)),
+    "queue_order_strategy": "priority",
+}
+task_serializer = "json"
+result_serializer = "json"
+accept_content = ["json"]
+task_ignore_result = True
+result_backend = None
+task_acks_late = True
+task_reject_on_worker_lost = True
+worker_prefetch_multiplier = 1
+task_send_sent_event = True
+worker_send_task_events = True
+worker_hijack_root_logger = False
+timezone = "UTC"
+enable_utc = True
+task_default_queue = CONTROL_QUEUE
+task_queues = tuple(Queue(name) for name in (*SERVICE_QUEUES, GPU_QUEUE))
+task_routes = {
+    "mixbatch.aggregate": {"queue": CONTROL_QUEUE},
+    "mixbatch.sweep": {"queue": CONTROL_QUEUE},
+    "mixbatch.enqueue": {"queue": CONTROL_QUEUE},
+    "mixbatch.realtime": {"queue": REALTIME_QUEUE},
+    "mixbatch.deliver": {"queue": DELIVER_QUEUE},
+}
+beat_schedule = {
+    "aggregate": {
+        "task": "mixbatch.aggregate",
+        "schedule": timedelta(seconds=_s.aggregate_interval_s),
+        "options": {"expires": _s.aggregate_interval_s * 5},
+    },
+    "sweep": {
+        "task": "mixbatch.sweep",
+        "schedule": timedelta(seconds=_s.sweep_interval_s),
+        "options": {"expires": _s.sweep_interval_s * 3},
+    },
+}

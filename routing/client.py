@@ -1,0 +1,216 @@
+"""What producers import: enqueue requests, ask about them, wait for answers.
+
+It imports neither ``config`` nor ``tasks`` (many Django projects have packages of those names)
+and pulls in no Celery worker code or torch: only redis-py and pydantic. The lanes table comes
+from Redis, where the service publishes it, so a producer needs no copy of the service's files.
+
+    from routing.client import Client
+
+    mb = Client("redis://localhost:6379/0")
+    ticket = mb.submit(
+        endpoint="/v1/chat/completions",
+        body={"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "Hi"}]},
+        lane="standard",
+        custom_id="doc-42",
+    )
+    answer = mb.result(ticket.id, timeout=3600)
+    print(answer.status, answer.body)
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from routing.embedded import redact_url
+from routing.errors import (
+    BodyTooLarge,
+    ConfigError,
+    DeadlineInPast,
+    InvalidRequest,
+    LaneFull,
+    MalformedInput,
+    MixbatchError,
+    NotFound,
+    ResultTimeout,
+    StoreUnavailable,
+    UnknownEndpoint,
+    UnknownLane,
+)
+from routing.models import (
+    CeleryCallback,
+    Endpoint,
+    Prepared,
+    Request,
+    Result,
+    Route,
+    ServiceConfig,
+    StatusInfo,
+    Ticket,
+    coerce_request,
+    prepare,
+)
+from routing.states import State
+from routing.store import LaneStore
+
+__all__ = [
+    "BodyTooLarge",
+    "CeleryCallback",
+    "Client",
+    "ConfigError",
+    "DeadlineInPast",
+    "Endpoint",
+    "InvalidRequest",
+    "LaneFull",
+    "MalformedInput",
+    "MixbatchError",
+    "NotFound",
+    "Request",
+    "Result",
+    "ResultTimeout",
+    "Route",
+    "State",
+    "StatusInfo",
+    "StoreUnavailable",
+    "Ticket",
+    "UnknownEndpoint",
+    "UnknownLane",
+]
+
+_CONFIG_TTL_S = 30.0
+
+
+def default_redis_url() -> str:
+    """``MIXBATCH_REDIS_URL``, else the embedded Redis that ``mixbatch up`` started here."""
+    url = os.environ.get("MIXBATCH_REDIS_URL")
+    if url:
+        return url
+    from routing.embedded import running_url
+
+    data_dir = os.environ.get("MIXBATCH_DATA_DIR", ".mixbatch")
+    running = running_url(data_dir)
+    if running:
+        return running
+    raise ConfigError(
+        "MIXBATCH_REDIS_URL is unset and no embedded Redis is running under "
+        f"{data_dir!r}: start the service with `mixbatch up`, or set MIXBATCH_REDIS_URL"
+    )
+
+
+class Client:
+    """A producer's handle on mixbatch. Thread-safe; one per process is plenty."""
+
+    def __init__(
+        self,
+        redis_url: str | None = None,
+        *,
+        namespace: str | None = None,
+        tenant: str = "default",
+        config: ServiceConfig | None = None,
+    ) -> None:
+        self.redis_url = redis_url or default_redis_url()
+        self.tenant = tenant
+        self.store = LaneStore.from_url(
+            self.redis_url, namespace=namespace or os.environ.get("MIXBATCH_NAMESPACE", "mb")
+        )
+        self._fixed_config = config
+        self._config: ServiceConfig | None = None
+        self._config_at = 0.0
+        self._lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        return f"Client({redact_url(self.redis_url)!r}, tenant={self.tenant!r})"
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.store.close()
+
+    @property
+    def config(self) -> ServiceConfig:
+        """The lanes table and limits the service published, re-read every 30 s."""
+        if self._fixed_config is not None:
+            return self._fixed_config
+        with self._lock:
+            if self._config is None or time.monotonic() - self._config_at > _CONFIG_TTL_S:
+                loaded = self.store.load_config()
+                if loaded is None:
+                    raise ConfigError(
+                        f"no lanes table in Redis at {redact_url(self.redis_url)}: start the "
+                        "service (`mixbatch up`) once, or pass `config=` to Client"
+                    )
+                self._config, self._config_at = loaded, time.monotonic()
+            return self._config
+
+    def _request(self, item: Request | dict[str, Any]) -> Request:
+        if isinstance(item, dict) and "tenant" not in item:
+            item = {**item, "tenant": self.tenant}
+        return coerce_request(item)
+
+    def submit(self, request: Request | dict[str, Any] | None = None, /, **fields: Any) -> Ticket:
+        """Enqueue one request; durable once this returns. Fields as in ``Request``.
+
+        Submitting a custom_id the tenant already used returns the first request's ticket
+        (``ticket.duplicate`` is True) instead of doing the work twice.
+        """
+        if request is None:
+            request = fields
+        elif fields:
+            raise TypeError("pass a Request (or dict) or keyword fields, not both")
+        prepared = prepare(self._request(request), self.config, time.time())
+        return self.store.submit_many([prepared], self.config)[0]
+
+    def submit_many(
+        self,
+        items: Iterable[Request | dict[str, Any]],
+        *,
+        chunk_size: int = 1000,
+        on_progress: Callable[[int], None] | None = None,
+    ) -> list[Ticket]:
+        """Enqueue many, pipelined: a few round trips per ``chunk_size`` requests.
+
+        Every item is validated before any is written, so a bad one raises ``InvalidRequest``
+        (``items[i]`` in its message) and nothing is enqueued. ``on_progress`` gets the count
+        written after each chunk.
+        """
+        prepared = self.prepare_many(items)
+        tickets: list[Ticket] = []
+        config = self.config
+        for start in range(0, len(prepared), chunk_size):
+            chunk = prepared[start : start + chunk_size]
+            tickets.extend(self.store.submit_many(chunk, config))
+            if on_progress is not None:
+                on_progress(len(chunk))
+        return tickets
+
+    def prepare_many(self, items: Iterable[Request | dict[str, Any]]) -> list[Prepared]:
+        """Validate without writing; raises on the first bad item, naming its index."""
+        config, now = self.config, time.time()
+        out: list[Prepared] = []
+        for i, item in enumerate(items):
+            try:
+                out.append(prepare(self._request(item), config, now))
+            except InvalidRequest as exc:
+                raise type(exc)(str(exc), field=f"items[{i}]") from None
+        return out
+
+    def status(self, request_id: str) -> StatusInfo:
+        return self.store.status(request_id)
+
+    def result(self, request_id: str, timeout: float | None = None) -> Result:
+        """The answer, waiting for it if needed (BLPOP, not polling); ``timeout`` in seconds.
+
+        Raises ``ResultTimeout`` if it is still in flight when the timeout runs out.
+        """
+        return self.store.wait(request_id, timeout)
+
+    def cancel(self, request_id: str) -> State:
+        """Cancel if not finished yet; returns the state the request ends up in."""
+        return self.store.cancel(request_id)

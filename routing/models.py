@@ -1,0 +1,315 @@
+"""Pydantic models at every boundary: what producers send, what the store keeps, what callers get.
+
+``Request`` is what a producer writes (loose: a relative deadline, a model left in the body);
+``prepare`` turns it into a ``Prepared`` request, the only shape the store accepts, raising one
+of mixbatch's ``InvalidRequest`` errors that names the bad field.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from datetime import UTC, datetime, timedelta
+from enum import StrEnum
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from routing.errors import (
+    BodyTooLarge,
+    DeadlineInPast,
+    InvalidRequest,
+    UnknownEndpoint,
+    UnknownLane,
+)
+from routing.states import State
+
+
+class Endpoint(StrEnum):
+    CHAT = "/v1/chat/completions"
+    EMBEDDINGS = "/v1/embeddings"
+    RESPONSES = "/v1/responses"
+    MESSAGES = "/v1/messages"
+
+
+ENDPOINTS = frozenset(e.value for e in Endpoint)
+
+
+class Route(StrEnum):
+    REALTIME = "realtime"
+    BATCH = "batch"
+    GPU = "gpu"
+
+
+LANE_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,31}$")
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)?\s*$")
+_UNIT_S = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "w": 604800.0}
+
+
+def parse_duration_s(text: str | float | int | timedelta) -> float:
+    """Seconds from ``90``, ``"90s"``, ``"15m"``, ``"6h"``, ``"1d"`` or a timedelta."""
+    if isinstance(text, timedelta):
+        return text.total_seconds()
+    if isinstance(text, int | float):
+        return float(text)
+    match = _DURATION.match(text)
+    if not match:
+        raise ValueError(f"{text!r} is not a duration (examples: 90s, 15m, 6h, 1d)")
+    return float(match.group(1)) * _UNIT_S[match.group(2) or "s"]
+
+
+class LaneSpec(BaseModel):
+    """One lane of the lanes table: how long its requests may wait and how full it may get."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: str
+    deadline_s: float = Field(gt=0)
+    priority: int = 0
+    max_queued: int = Field(default=100_000, ge=0)
+    on_deadline: Literal["run", "expire"] = "run"
+    submit_windows: tuple[str, ...] = ()
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not LANE_NAME.match(v):
+            raise ValueError(
+                f"lane name {v!r} must be 1-32 characters of a-z, 0-9, '-' or '_', "
+                "starting with a letter or digit"
+            )
+        return v
+
+
+class ServiceConfig(BaseModel):
+    """What the service publishes to Redis so producers need no copy of ``config/``."""
+
+    lanes: tuple[LaneSpec, ...]
+    max_body_bytes: int = 1_000_000
+    default_max_attempts: int = 3
+
+    def lane(self, name: str) -> LaneSpec:
+        for spec in self.lanes:
+            if spec.name == name:
+                return spec
+        known = ", ".join(s.name for s in self.lanes)
+        raise UnknownLane(f"unknown lane {name!r} (lanes: {known})", field="lane")
+
+    def by_priority(self) -> list[LaneSpec]:
+        return sorted(self.lanes, key=lambda s: -s.priority)
+
+
+class CeleryCallback(BaseModel):
+    """Send the result to a Celery task of the caller's, by name, on the caller's queue."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    kind: Literal["celery"] = "celery"
+    task: str = Field(min_length=1)
+    queue: str | None = None
+
+
+CallbackSpec = Annotated[CeleryCallback, Field(discriminator="kind")]
+
+
+class Request(BaseModel):
+    """What a producer submits. ``deadline`` may be absolute or relative (``"6h"``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    tenant: str = Field(default="default", min_length=1, max_length=128)
+    custom_id: str | None = Field(default=None, min_length=1, max_length=512)
+    lane: str = "standard"
+    deadline: datetime | float | str | timedelta | None = None
+    endpoint: str = Endpoint.CHAT.value
+    model: str | None = None
+    body: dict[str, Any]
+    metadata: dict[str, str] = Field(default_factory=dict)
+    callback: CallbackSpec | None = None
+    max_attempts: int | None = Field(default=None, ge=1, le=100)
+
+
+class Prepared(BaseModel):
+    """A validated request, deadline resolved to unix seconds; what the store keeps."""
+
+    model_config = ConfigDict(frozen=True)
+
+    tenant: str
+    custom_id: str | None
+    lane: str
+    deadline: float
+    endpoint: Endpoint
+    model: str
+    body: dict[str, Any]
+    metadata: dict[str, str]
+    callback: CeleryCallback | None
+    max_attempts: int
+    created_at: float
+
+
+def resolve_deadline(
+    value: datetime | float | str | timedelta | None, now: float, default_s: float
+) -> float:
+    if value is None:
+        return now + default_s
+    if isinstance(value, datetime):
+        if value.tzinfo is None:
+            value = value.replace(tzinfo=UTC)
+        return value.timestamp()
+    if isinstance(value, timedelta):
+        return now + value.total_seconds()
+    if isinstance(value, int | float):
+        return float(value)
+    try:
+        return now + parse_duration_s(value)
+    except ValueError:
+        pass
+    try:
+        parsed = datetime.fromisoformat(value)
+    except ValueError:
+        raise InvalidRequest(
+            f"{value!r} is neither a duration (6h, 15m) nor an ISO-8601 time", field="deadline"
+        ) from None
+    return resolve_deadline(parsed, now, default_s)
+
+
+def coerce_request(item: Request | dict[str, Any]) -> Request:
+    """A ``Request`` from a model or a plain dict, with pydantic's errors made ours."""
+    if isinstance(item, Request):
+        return item
+    try:
+        return Request.model_validate(item)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        field = ".".join(str(p) for p in first["loc"]) or None
+        raise InvalidRequest(first["msg"], field=field) from None
+
+
+def prepare(req: Request, config: ServiceConfig, now: float) -> Prepared:
+    """Validate against the lanes table and size cap; pure, so it is table-tested."""
+    lane = config.lane(req.lane)
+    if req.endpoint not in ENDPOINTS:
+        raise UnknownEndpoint(
+            f"unknown endpoint {req.endpoint!r} (one of: {', '.join(sorted(ENDPOINTS))})",
+            field="endpoint",
+        )
+    model = req.model or req.body.get("model")
+    if not isinstance(model, str) or not model:
+        raise InvalidRequest("missing: give `model`, or `model` inside the body", field="model")
+    body = dict(req.body)
+    body.setdefault("model", model)
+    if body["model"] != model:
+        raise InvalidRequest(
+            f"model {model!r} differs from body.model {body['model']!r}", field="model"
+        )
+    size = len(json.dumps(body, separators=(",", ":")).encode())
+    if size > config.max_body_bytes:
+        raise BodyTooLarge(
+            f"{size} bytes is over the cap of {config.max_body_bytes} (MIXBATCH_MAX_BODY_BYTES)",
+            field="body",
+        )
+    deadline = resolve_deadline(req.deadline, now, lane.deadline_s)
+    if deadline <= now:
+        raise DeadlineInPast(
+            f"{datetime.fromtimestamp(deadline, UTC).isoformat()} is already past", field="deadline"
+        )
+    return Prepared(
+        tenant=req.tenant,
+        custom_id=req.custom_id,
+        lane=lane.name,
+        deadline=deadline,
+        endpoint=Endpoint(req.endpoint),
+        model=model,
+        body=body,
+        metadata=req.metadata,
+        callback=req.callback,
+        max_attempts=req.max_attempts or config.default_max_attempts,
+        created_at=now,
+    )
+
+
+class Ticket(BaseModel):
+    """What ``submit`` returns: the id to ask about, and whether it was already there."""
+
+    id: str
+    custom_id: str | None = None
+    lane: str
+    deadline: float
+    duplicate: bool = False
+
+
+class ErrorInfo(BaseModel):
+    code: str
+    message: str
+    retryable: bool = False
+    status_code: int | None = None
+
+
+class Result(BaseModel):
+    """A request's answer as the caller sees it; ``body`` is the provider-shaped response."""
+
+    id: str
+    custom_id: str | None = None
+    tenant: str = "default"
+    lane: str
+    status: State
+    status_code: int | None = None
+    body: dict[str, Any] | None = None
+    error: ErrorInfo | None = None
+    usage: dict[str, Any] | None = None
+    route: Route | None = None
+    provider: str | None = None
+    model: str | None = None
+    endpoint: str | None = None
+    attempts: int = 0
+    deadline: float
+    created_at: float
+    finished_at: float | None = None
+    delivered: bool = False
+
+    @property
+    def ok(self) -> bool:
+        return self.status is State.DONE
+
+    @property
+    def latency_s(self) -> float | None:
+        return None if self.finished_at is None else self.finished_at - self.created_at
+
+    @property
+    def missed_deadline(self) -> bool:
+        return self.finished_at is not None and self.finished_at > self.deadline
+
+
+class StatusInfo(BaseModel):
+    id: str
+    state: State
+    outcome: State | None = None
+    lane: str
+    tenant: str
+    custom_id: str | None = None
+    attempts: int
+    max_attempts: int
+    deadline: float
+    created_at: float
+    updated_at: float
+    route: Route | None = None
+    error: ErrorInfo | None = None
+
+
+class Claimed(BaseModel):
+    """A request handed to a worker under a lease; ``token`` proves the lease on every step."""
+
+    id: str
+    token: str
+    attempts: int
+    request: Prepared
+
+
+class LaneStats(BaseModel):
+    lane: str
+    depth: int
+    delayed: int
+    leased: int
+    oldest_age_s: float | None
+    nearest_deadline_s: float | None
+    counts: dict[str, int]

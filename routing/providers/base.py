@@ -1,0 +1,398 @@
+"""The seam between mixbatch and a provider's synchronous HTTP API.
+
+A ``RealtimeAdapter`` does I/O and nothing else: one POST per ``call``, every failure mapped
+once, in ``_map_transport_errors`` and ``error_for_response``, onto mixbatch's error tree:
+
+    httpx.TimeoutException            -> ProviderTimeout   (retryable)
+    httpx.NetworkError, RemoteProtocolError -> ProviderError (retryable)
+    other httpx.TransportError        -> ProviderError     (not retryable: our bug, not theirs)
+    HTTP 429                          -> RateLimited       (retryable, retry_after_s)
+    HTTP 408, 409, 5xx                -> ProviderError     (retryable)
+    other HTTP 4xx                    -> ProviderError     (not retryable, the provider's message)
+
+A provider's ``x-should-retry`` header overrides the status rule, as the OpenAI SDK does.
+Subclasses only say where to POST and which headers authenticate. Retrying is not the
+adapter's job: ``call_with_retries`` asks ``routing.backoff`` and keeps within a time budget.
+
+Secrets: the API key lives in a ``SecretStr`` and reaches only the request headers. Error
+messages and log records carry the provider's name, the endpoint path, the status and the
+provider's request id, never the key or the request body; httpx exceptions are not chained
+because they hold the request, headers included.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import random
+import time
+from collections.abc import Callable, Iterator, Mapping
+from types import TracebackType
+from typing import Any, ClassVar, Literal
+
+import httpx
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
+
+from routing.backoff import RetryPolicy, next_delay_s, parse_retry_after
+from routing.errors import ConfigError, ProviderError, ProviderTimeout, RateLimited
+from routing.models import Endpoint
+
+__all__ = [
+    "ProviderAccount",
+    "ProviderResponse",
+    "RealtimeAdapter",
+    "call_with_retries",
+    "error_for_response",
+    "rate_limit_headers",
+    "retry_after_from_headers",
+]
+
+logger = logging.getLogger(__name__)
+
+RETRYABLE_STATUSES = frozenset({408, 409, 429})
+RATE_LIMIT_PREFIXES = ("x-ratelimit-", "anthropic-ratelimit-")
+RATE_LIMIT_NAMES = frozenset({"retry-after", "retry-after-ms"})
+_MAX_MESSAGE_CHARS = 500
+
+
+class ProviderAccount(BaseModel):
+    """One set of credentials at one provider. The key is a ``SecretStr``: reprs show ``***``.
+
+    ``base_url`` follows each SDK's convention, so a value copied from SDK docs works: OpenAI
+    and compatible providers include ``/v1`` (``https://api.openai.com/v1``), Anthropic does
+    not (``https://api.anthropic.com``).
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: str = Field(min_length=1)
+    kind: Literal["openai", "anthropic"]
+    base_url: str = Field(min_length=1)
+    api_key: SecretStr | None = None
+    timeout_s: float = Field(default=60.0, gt=0)
+    max_concurrency: int = Field(default=16, ge=1)
+    anthropic_version: str = "2023-06-01"
+
+    @field_validator("base_url")
+    @classmethod
+    def _base_url(cls, v: str) -> str:
+        if not v.startswith(("http://", "https://")):
+            raise ValueError(f"base_url {v!r} must start with http:// or https://")
+        return v.rstrip("/")
+
+
+class ProviderResponse(BaseModel):
+    """A successful reply, plus what planners learn from it (latency, rate-limit headers)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    provider: str
+    status_code: int
+    body: dict[str, Any]
+    provider_request_id: str | None = None
+    latency_s: float
+    rate_limit: dict[str, str] = Field(default_factory=dict)
+
+
+def rate_limit_headers(headers: Mapping[str, str]) -> dict[str, str]:
+    """The headers a rate-limit planner wants (``x-ratelimit-*``, ``anthropic-ratelimit-*``,
+    ``retry-after``), names lower-cased."""
+    kept: dict[str, str] = {}
+    for name, value in headers.items():
+        low = name.lower()
+        if low in RATE_LIMIT_NAMES or low.startswith(RATE_LIMIT_PREFIXES):
+            kept[low] = value
+    return kept
+
+
+def retry_after_from_headers(headers: Mapping[str, str], now: float) -> float | None:
+    """Seconds the provider asked us to wait: ``retry-after-ms`` first (OpenAI), then
+    ``retry-after``. ``headers`` must look names up case-insensitively (httpx.Headers does)."""
+    millis = headers.get("retry-after-ms")
+    if millis is not None:
+        try:
+            value = float(millis) / 1000.0
+        except ValueError:
+            value = math.nan
+        if math.isfinite(value) and value >= 0:
+            return value
+    return parse_retry_after(headers.get("retry-after"), now)
+
+
+def _provider_message(response: httpx.Response) -> tuple[str, object]:
+    """The provider's own error message and the parsed error body.
+
+    OpenAI sends ``{"error": {"message", "type", "param", "code"}}``, Anthropic
+    ``{"type": "error", "error": {"type", "message"}}``; ``param`` names the bad field, so it
+    is appended. Anything else falls back to a short piece of the text or the reason phrase.
+    """
+    try:
+        body: object = response.json()
+    except ValueError:
+        text = response.text.strip()
+        return (text[:_MAX_MESSAGE_CHARS] or response.reason_phrase or "no error message"), text
+    if isinstance(body, dict):
+        error = body.get("error")
+        if isinstance(error, dict) and isinstance(error.get("message"), str):
+            message: str = error["message"]
+            param = error.get("param")
+            if isinstance(param, str) and param and param not in message:
+                message = f"{message} (param: {param})"
+            return message[:_MAX_MESSAGE_CHARS], body
+        for field in ("message", "detail"):
+            if isinstance(body.get(field), str):
+                return body[field][:_MAX_MESSAGE_CHARS], body
+        if isinstance(error, str):
+            return error[:_MAX_MESSAGE_CHARS], body
+    return (response.reason_phrase or "no error message"), body
+
+
+def error_for_response(
+    provider: str,
+    path: str,
+    response: httpx.Response,
+    *,
+    request_id: str | None,
+    now: float,
+    redact: Callable[[str], str] = lambda s: s,
+) -> ProviderError:
+    """Map an HTTP error reply onto the error tree; ``redact`` scrubs secrets from messages."""
+    status = response.status_code
+    message, body = _provider_message(response)
+    text = redact(f"{provider} POST {path} -> {status}: {message}")
+    retryable = status in RETRYABLE_STATUSES or status >= 500
+    should_retry = response.headers.get("x-should-retry", "").strip().lower()
+    if should_retry in ("true", "false"):
+        retryable = should_retry == "true"
+    if status == 429:
+        return RateLimited(
+            text,
+            status_code=status,
+            retryable=retryable,
+            retry_after_s=retry_after_from_headers(response.headers, now),
+            body=body,
+            provider_request_id=request_id,
+        )
+    return ProviderError(
+        text,
+        status_code=status,
+        retryable=retryable,
+        retry_after_s=retry_after_from_headers(response.headers, now) if retryable else None,
+        body=body,
+        provider_request_id=request_id,
+    )
+
+
+class RealtimeAdapter:
+    """One provider account's synchronous API: ``call`` POSTs once and returns or raises ours.
+
+    Pass ``client`` to share a connection pool (and its limits) between adapters; an adapter
+    closes only a client it created itself. The client is created with
+    ``max_connections = account.max_concurrency``, a per-process bound; the cross-process
+    bound is ``routing.semaphore.RedisSemaphore``.
+    """
+
+    kind: ClassVar[str]
+    endpoints: ClassVar[frozenset[Endpoint]]
+    request_id_header: ClassVar[str] = "x-request-id"
+
+    def __init__(self, account: ProviderAccount, client: httpx.Client | None = None) -> None:
+        if account.kind != self.kind:
+            raise ConfigError(
+                f"{type(self).__name__} cannot serve account {account.name!r} of kind "
+                f"{account.kind!r}; use adapter_for(account)"
+            )
+        self.account = account
+        self._owns_client = client is None
+        if client is None:
+            client = httpx.Client(
+                timeout=account.timeout_s,
+                limits=httpx.Limits(
+                    max_connections=account.max_concurrency,
+                    max_keepalive_connections=account.max_concurrency,
+                ),
+            )
+        self._client = client
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(name={self.account.name!r}, base_url={self.account.base_url!r})"
+        )
+
+    def path_for(self, endpoint: Endpoint) -> str:
+        """The path appended to ``account.base_url`` for ``endpoint``."""
+        raise NotImplementedError
+
+    def auth_headers(self) -> dict[str, str]:
+        """Headers that authenticate and version the request (the only place the key is read)."""
+        raise NotImplementedError
+
+    def resolve_endpoint(self, endpoint: Endpoint | str) -> Endpoint:
+        """``endpoint`` as an ``Endpoint`` this provider serves, else a non-retryable error."""
+        supported = ", ".join(sorted(e.value for e in self.endpoints))
+        try:
+            value = Endpoint(endpoint)
+        except ValueError:
+            value = None
+        if value is None or value not in self.endpoints:
+            raise ProviderError(
+                f"{self.account.name} ({self.kind}) has no realtime endpoint {str(endpoint)!r} "
+                f"(supported: {supported})",
+                retryable=False,
+            )
+        return value
+
+    def call(
+        self, endpoint: Endpoint | str, body: dict[str, Any], *, timeout_s: float | None = None
+    ) -> ProviderResponse:
+        """POST ``body`` once to ``endpoint``; a 2xx JSON object comes back, anything else raises."""
+        target = self.resolve_endpoint(endpoint)
+        path = self.path_for(target)
+        url = self.account.base_url + path
+        timeout = self.account.timeout_s if timeout_s is None else timeout_s
+        headers = {"accept": "application/json", **self.auth_headers()}
+        started = time.monotonic()
+        with self._map_transport_errors(target, timeout):
+            response = self._client.post(url, json=body, headers=headers, timeout=timeout)
+        latency = time.monotonic() - started
+        request_id = response.headers.get(self.request_id_header)
+        if response.status_code >= 400:
+            raise error_for_response(
+                self.account.name,
+                target.value,
+                response,
+                request_id=request_id,
+                now=time.time(),
+                redact=self._redact,
+            )
+        try:
+            parsed = response.json() if response.content else None
+        except ValueError:
+            parsed = None
+        if not isinstance(parsed, dict):
+            raise ProviderError(
+                f"{self.account.name} POST {target.value} -> {response.status_code}: "
+                "the reply is not a JSON object",
+                status_code=response.status_code,
+                retryable=False,
+                body=response.text[:_MAX_MESSAGE_CHARS],
+                provider_request_id=request_id,
+            )
+        return ProviderResponse(
+            provider=self.account.name,
+            status_code=response.status_code,
+            body=parsed,
+            provider_request_id=request_id,
+            latency_s=latency,
+            rate_limit=rate_limit_headers(response.headers),
+        )
+
+    @contextlib.contextmanager
+    def _map_transport_errors(self, endpoint: Endpoint, timeout_s: float) -> Iterator[None]:
+        """Translate httpx's transport errors once; nothing below this raises httpx types."""
+        where = f"{self.account.name} POST {endpoint.value}"
+        try:
+            yield
+        except httpx.TimeoutException as exc:
+            raise ProviderTimeout(
+                self._redact(f"{where}: {type(exc).__name__} after {timeout_s:.3g} s"),
+                retryable=True,
+            ) from None
+        except (httpx.NetworkError, httpx.RemoteProtocolError) as exc:
+            raise ProviderError(
+                self._redact(f"{where}: {type(exc).__name__}: {exc}"), retryable=True
+            ) from None
+        except httpx.TransportError as exc:
+            raise ProviderError(
+                self._redact(f"{where}: {type(exc).__name__}: {exc}"), retryable=False
+            ) from None
+
+    def _redact(self, text: str) -> str:
+        """Blank the key out of text that came from outside (a provider may echo it back)."""
+        key = self.account.api_key.get_secret_value() if self.account.api_key else ""
+        return text.replace(key, "***") if len(key) >= 4 else text
+
+    def close(self) -> None:
+        if self._owns_client:
+            self._client.close()
+
+    def __enter__(self) -> RealtimeAdapter:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+def call_with_retries(
+    adapter: RealtimeAdapter,
+    endpoint: Endpoint | str,
+    body: dict[str, Any],
+    *,
+    policy: RetryPolicy,
+    budget_s: float,
+    sleep: Callable[[float], None] = time.sleep,
+    clock: Callable[[], float] = time.monotonic,
+    rng: random.Random | None = None,
+) -> ProviderResponse:
+    """``adapter.call`` retried per ``routing.backoff.next_delay_s`` within ``budget_s`` seconds.
+
+    Each try's timeout is cut to the budget left (httpx applies it per phase: connect, each
+    read), and a wait that would end past the budget is not started: the last error is raised
+    instead, with a note saying why, so the caller (the lane's requeue) still sees
+    ``retryable`` and ``retry_after_s``.
+    """
+    deadline = clock() + budget_s
+    attempt = 0
+    last: ProviderError | None = None
+    while True:
+        attempt += 1
+        left = deadline - clock()
+        if left <= 0:
+            if last is not None:
+                last.add_note(f"mixbatch: gave up after {attempt - 1} tries; budget spent")
+                raise last
+            raise ProviderTimeout(
+                f"{adapter.account.name} POST {endpoint}: a budget of {budget_s:g} s "
+                f"leaves no time for try {attempt}",
+                retryable=True,
+            )
+        try:
+            return adapter.call(endpoint, body, timeout_s=min(adapter.account.timeout_s, left))
+        except ProviderError as exc:
+            delay = next_delay_s(exc, attempt, policy, rng)
+            if delay is None:
+                if exc.retryable:
+                    exc.add_note(f"mixbatch: gave up after {attempt} tries (max_tries)")
+                raise
+            if clock() + delay > deadline:
+                exc.add_note(
+                    f"mixbatch: gave up after {attempt} tries; waiting {delay:.2f} s "
+                    f"would pass the {budget_s:g} s budget"
+                )
+                raise
+            last = exc
+            logger.warning(
+                "%s POST %s failed on try %d (%s %s), retrying in %.2f s",
+                adapter.account.name,
+                endpoint,
+                attempt,
+                type(exc).__name__,
+                exc.status_code,
+                delay,
+                extra={
+                    "provider": adapter.account.name,
+                    "endpoint": str(endpoint),
+                    "provider_request_id": exc.provider_request_id,
+                    "status_code": exc.status_code,
+                    "error_type": type(exc).__name__,
+                    "attempt": attempt,
+                    "delay_s": round(delay, 3),
+                },
+            )
+            sleep(delay)

@@ -1,0 +1,655 @@
+"""The lane store: requests, leases, results and deliveries in Redis, every transition one Lua script.
+
+The public methods do the bookkeeping (ids, JSON, idempotency, error mapping); the scripts in
+``routing/lua/`` do the atomic part and list their keys in their headers. Durability lives here,
+not in Celery messages: a task that lost its message, or got it twice, re-reads this store.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import time
+import uuid
+from collections.abc import Iterable, Iterator, Sequence
+from importlib import resources
+from typing import Any
+
+import redis
+from redis.commands.core import Script
+
+from routing.embedded import redact_url
+from routing.errors import (
+    LaneFull,
+    NotFound,
+    ResultTimeout,
+    StoreUnavailable,
+)
+from routing.keys import Keys, lane_of, new_request_id
+from routing.models import (
+    Claimed,
+    ErrorInfo,
+    LaneSpec,
+    LaneStats,
+    Prepared,
+    Result,
+    Route,
+    ServiceConfig,
+    StatusInfo,
+    Ticket,
+)
+from routing.states import FINISHED, LEASED, State
+
+log = logging.getLogger(__name__)
+
+DEFAULT_RESULT_TTL_S = 7 * 86400
+_WAIT_SLICE_S = 5.0
+
+
+@contextlib.contextmanager
+def store_errors(url: str) -> Iterator[None]:
+    """Translate redis-py's connection errors once, naming the URL without its password."""
+    try:
+        yield
+    except (redis.ConnectionError, redis.TimeoutError) as exc:
+        raise StoreUnavailable(
+            f"cannot reach Redis at {redact_url(url)} ({exc}); is it running? "
+            "Set MIXBATCH_REDIS_URL, or leave it unset to use the embedded Redis"
+        ) from exc
+
+
+def _load_script(client: redis.Redis, name: str) -> Script:
+    text = resources.files("routing").joinpath(f"lua/{name}.lua").read_text()
+    return client.register_script(text)
+
+
+def _s(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _dumps(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"), default=str)
+
+
+class LaneStore:
+    """All state transitions of requests. Safe to share across threads; any number of processes."""
+
+    def __init__(
+        self,
+        client: redis.Redis,
+        *,
+        namespace: str = "mb",
+        result_ttl_s: int = DEFAULT_RESULT_TTL_S,
+        url: str = "redis",
+    ) -> None:
+        self.redis = client
+        self.keys = Keys(namespace)
+        self.result_ttl_s = result_ttl_s
+        self.url = url
+        self._scripts = {
+            name: _load_script(client, name)
+            for name in (
+                "submit",
+                "claim",
+                "start",
+                "finish",
+                "requeue",
+                "drop",
+                "deliver_claim",
+                "deliver_done",
+            )
+        }
+
+    @classmethod
+    def from_url(cls, url: str, **kwargs: Any) -> LaneStore:
+        client = redis.Redis.from_url(url, health_check_interval=30)
+        return cls(client, url=url, **kwargs)
+
+    def close(self) -> None:
+        self.redis.close()
+
+    # -- service config -------------------------------------------------------------------
+
+    def publish_config(self, config: ServiceConfig) -> None:
+        with store_errors(self.url):
+            self.redis.set(self.keys.config(), config.model_dump_json())
+
+    def load_config(self) -> ServiceConfig | None:
+        with store_errors(self.url):
+            raw = self.redis.get(self.keys.config())
+        return None if raw is None else ServiceConfig.model_validate_json(raw)
+
+    # -- submit ---------------------------------------------------------------------------
+
+    def _request_keys(self, request_id: str) -> dict[str, str]:
+        lane = lane_of(request_id)
+        k = self.keys
+        return {
+            "req": k.request(request_id),
+            "q": k.queue(lane),
+            "qage": k.queue_age(lane),
+            "delayed": k.delayed(lane),
+            "leases": k.leases(lane),
+            "outbox": k.outbox(lane),
+            "finished": k.finished(lane),
+            "counts": k.counts(lane),
+            "notify": k.notify(request_id),
+        }
+
+    def submit_many(
+        self, items: Sequence[Prepared], lanes: ServiceConfig, *, now: float | None = None
+    ) -> list[Ticket]:
+        """Enqueue in three pipelined round trips, however many items.
+
+        Idempotency first (``SET NX`` per tenant and custom_id), then one create script per
+        request. A duplicate custom_id returns the first request's ticket. If a lane is full,
+        the requests that fit stay enqueued and ``LaneFull`` carries their tickets; resubmitting
+        the same items is safe because of the custom_id check.
+        """
+        now = time.time() if now is None else now
+        ids = [new_request_id(p.lane, now) for p in items]
+        seen: dict[str, int] = {}
+        alias: dict[int, int] = {}
+        idem_slots: list[tuple[int, str]] = []
+        for i, p in enumerate(items):
+            if p.custom_id is None:
+                continue
+            key = self.keys.idempotency(p.tenant, p.custom_id)
+            if key in seen:
+                alias[i] = seen[key]
+                continue
+            seen[key] = i
+            idem_slots.append((i, key))
+        duplicate = [False] * len(items)
+        with store_errors(self.url):
+            if idem_slots:
+                pipe = self.redis.pipeline(transaction=False)
+                for i, key in idem_slots:
+                    ttl = int(max(items[i].deadline - now, 0) + self.result_ttl_s + 3600)
+                    pipe.set(key, ids[i], nx=True, ex=ttl)
+                won = pipe.execute()
+                losers = [(i, key) for (i, key), ok in zip(idem_slots, won, strict=True) if not ok]
+                if losers:
+                    pipe = self.redis.pipeline(transaction=False)
+                    for _, key in losers:
+                        pipe.get(key)
+                    for (i, _), existing in zip(losers, pipe.execute(), strict=True):
+                        if existing is not None:
+                            ids[i] = _s(existing)
+                            duplicate[i] = True
+            for i, j in alias.items():
+                ids[i] = ids[j]
+                duplicate[i] = True
+            pipe = self.redis.pipeline(transaction=False)
+            order = [i for i in range(len(items)) if i not in alias]
+            for i in order:
+                p = items[i]
+                lane = lane_of(ids[i])
+                if lane != p.lane:
+                    p = p.model_copy(update={"lane": lane})
+                k = self._request_keys(ids[i])
+                cap = lanes.lane(lane).max_queued
+                self._scripts["submit"](
+                    keys=[k["req"], k["q"], k["qage"], k["counts"]],
+                    args=[
+                        ids[i],
+                        repr(p.deadline),
+                        p.model_dump_json(),
+                        cap,
+                        repr(now),
+                        p.tenant,
+                        p.custom_id or "",
+                        p.max_attempts,
+                        State.QUEUED.value,
+                    ],
+                    client=pipe,
+                )
+            outcomes = pipe.execute()
+        tickets: list[Ticket | None] = [None] * len(items)
+        full: dict[str, list[int]] = {}
+        for i, out in zip(order, outcomes, strict=True):
+            code = int(out[0])
+            if code == -1:
+                full.setdefault(items[i].lane, []).append(i)
+                continue
+            tickets[i] = Ticket(
+                id=ids[i],
+                custom_id=items[i].custom_id,
+                lane=lane_of(ids[i]),
+                deadline=items[i].deadline,
+                duplicate=duplicate[i] or code == 0,
+            )
+        for i, j in alias.items():
+            first = tickets[j]
+            if first is not None:
+                tickets[i] = first.model_copy(update={"duplicate": True})
+        if full:
+            self._release_idempotency([(items[i], ids[i]) for ix in full.values() for i in ix])
+            lane = next(iter(full))
+            err = LaneFull(lane, lanes.lane(lane).max_queued)
+            err.accepted = [t for t in tickets if t is not None]  # type: ignore[attr-defined]
+            err.rejected = sorted(i for ix in full.values() for i in ix)  # type: ignore[attr-defined]
+            raise err
+        log.debug("submitted", extra={"count": len(items)})
+        return [t for t in tickets if t is not None]
+
+    def _release_idempotency(self, pairs: Iterable[tuple[Prepared, str]]) -> None:
+        """Free the custom_id of a request that was refused, but only if it still points at it."""
+        script = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0"
+        for p, rid in pairs:
+            if p.custom_id is not None:
+                self.redis.eval(script, 1, self.keys.idempotency(p.tenant, p.custom_id), rid)
+
+    # -- claim and lease transitions --------------------------------------------------------
+
+    def claim(
+        self, lane: str, n: int, *, lease_s: float, now: float | None = None
+    ) -> list[Claimed]:
+        """Up to ``n`` queued requests of ``lane``, earliest deadline first, each under a lease."""
+        now = time.time() if now is None else now
+        token = uuid.uuid4().hex
+        k = self.keys
+        with store_errors(self.url):
+            flat = self._scripts["claim"](
+                keys=[
+                    k.queue(lane),
+                    k.queue_age(lane),
+                    k.delayed(lane),
+                    k.leases(lane),
+                    k.counts(lane),
+                ],
+                args=[
+                    repr(now),
+                    n,
+                    repr(now + lease_s),
+                    token,
+                    k.request_prefix(lane),
+                    State.QUEUED.value,
+                    State.CLAIMED.value,
+                ],
+            )
+        return [
+            Claimed(
+                id=_s(flat[i]),
+                token=token,
+                attempts=int(flat[i + 1]),
+                request=Prepared.model_validate_json(flat[i + 2]),
+            )
+            for i in range(0, len(flat), 3)
+        ]
+
+    def claim_lanes(
+        self, lanes: Sequence[LaneSpec], n: int, *, lease_s: float, now: float | None = None
+    ) -> list[Claimed]:
+        """Claim across lanes by priority: an urgent request never waits behind bulk work."""
+        out: list[Claimed] = []
+        for spec in sorted(lanes, key=lambda s: -s.priority):
+            if len(out) >= n:
+                break
+            out.extend(self.claim(spec.name, n - len(out), lease_s=lease_s, now=now))
+        return out
+
+    def start(
+        self,
+        claimed: Claimed,
+        *,
+        state: State,
+        route: Route,
+        lease_s: float | None,
+        now: float | None = None,
+    ) -> bool:
+        """CLAIMED -> RUNNING (renewing the lease) or -> SUBMITTED (``lease_s=None``)."""
+        now = time.time() if now is None else now
+        k = self._request_keys(claimed.id)
+        with store_errors(self.url):
+            moved = self._scripts["start"](
+                keys=[k["req"], k["leases"], k["counts"]],
+                args=[
+                    claimed.id,
+                    claimed.token,
+                    state.value,
+                    repr(now + lease_s) if lease_s else "0",
+                    repr(now),
+                    route.value,
+                    *[s.value for s in LEASED],
+                ],
+            )
+        return bool(moved)
+
+    def finish(
+        self,
+        request_id: str,
+        token: str,
+        outcome: State,
+        result: dict[str, Any],
+        *,
+        now: float | None = None,
+    ) -> bool:
+        """Store the result and the outcome together. False if the lease was lost meanwhile."""
+        if outcome not in FINISHED:
+            raise ValueError(f"{outcome} is not an outcome")
+        now = time.time() if now is None else now
+        k = self._request_keys(request_id)
+        with store_errors(self.url):
+            done = self._scripts["finish"](
+                keys=[k["req"], k["leases"], k["outbox"], k["finished"], k["counts"], k["notify"]],
+                args=[
+                    request_id,
+                    token,
+                    outcome.value,
+                    _dumps(result),
+                    repr(now),
+                    self.result_ttl_s,
+                    *[s.value for s in (*LEASED, State.SUBMITTED)],
+                ],
+            )
+        return bool(done)
+
+    def requeue(
+        self,
+        request_id: str,
+        token: str,
+        error: ErrorInfo,
+        *,
+        ready_at: float | None = None,
+        now: float | None = None,
+    ) -> State | None:
+        """Back to the lane after a retryable failure; FAILED once attempts are used up.
+
+        Returns the new state, or None when the request was no longer ours.
+        """
+        now = time.time() if now is None else now
+        k = self._request_keys(request_id)
+        with store_errors(self.url):
+            code = self._scripts["requeue"](
+                keys=[k["req"], k["leases"], k["q"], k["qage"], k["delayed"], k["counts"]],
+                args=[
+                    request_id,
+                    token,
+                    repr(now),
+                    repr(ready_at or now),
+                    error.model_dump_json(),
+                    State.QUEUED.value,
+                    *[s.value for s in (*LEASED, State.SUBMITTED)],
+                ],
+            )
+        if code == 1:
+            return State.QUEUED
+        if code == -1:
+            attempts = self.redis.hget(k["req"], "attempts")
+            final = error.model_copy(
+                update={"message": f"{error.message} (gave up after {_s(attempts)} attempts)"}
+            )
+            ok = self.finish(
+                request_id,
+                token,
+                State.FAILED,
+                {"status_code": error.status_code, "error": final.model_dump()},
+                now=now,
+            )
+            return State.FAILED if ok else None
+        return None
+
+    def drop(
+        self,
+        request_id: str,
+        outcome: State,
+        error: ErrorInfo | None,
+        *,
+        from_states: Iterable[State],
+        now: float | None = None,
+    ) -> tuple[bool, State | None]:
+        """Finish a request wherever it waits (cancel, expiry); a late worker answer is refused."""
+        now = time.time() if now is None else now
+        k = self._request_keys(request_id)
+        result = {"error": error.model_dump() if error else None}
+        with store_errors(self.url):
+            out = self._scripts["drop"](
+                keys=[
+                    k["req"],
+                    k["q"],
+                    k["qage"],
+                    k["delayed"],
+                    k["leases"],
+                    k["outbox"],
+                    k["finished"],
+                    k["counts"],
+                    k["notify"],
+                ],
+                args=[
+                    request_id,
+                    outcome.value,
+                    _dumps(result),
+                    repr(now),
+                    self.result_ttl_s,
+                    *[s.value for s in from_states],
+                ],
+            )
+        if not out:
+            return False, None
+        return bool(int(out[0])), State(_s(out[1]))
+
+    def cancel(self, request_id: str, *, now: float | None = None) -> State:
+        """Cancel unless already finished; returns the state the request is in afterwards."""
+        dropped, state = self.drop(
+            request_id,
+            State.CANCELLED,
+            ErrorInfo(code="cancelled", message="cancelled by the caller"),
+            from_states=(State.QUEUED, *LEASED, State.SUBMITTED),
+            now=now,
+        )
+        if state is None:
+            raise NotFound(request_id)
+        return State.CANCELLED if dropped else state
+
+    # -- reading --------------------------------------------------------------------------
+
+    def _hash(self, request_id: str) -> dict[str, str]:
+        with store_errors(self.url):
+            raw = self.redis.hgetall(self.keys.request(request_id))
+        if not raw:
+            raise NotFound(request_id)
+        return {_s(k): _s(v) for k, v in raw.items()}
+
+    def prepared(self, request_id: str) -> Prepared:
+        return Prepared.model_validate_json(self._hash(request_id)["data"])
+
+    def status(self, request_id: str) -> StatusInfo:
+        h = self._hash(request_id)
+        err_raw = h.get("last_error") or None
+        result = json.loads(h["result"]) if h.get("result") else {}
+        if result.get("error"):
+            err_raw = _dumps(result["error"])
+        return StatusInfo(
+            id=request_id,
+            state=State(h["state"]),
+            outcome=State(h["outcome"]) if h.get("outcome") else None,
+            lane=lane_of(request_id),
+            tenant=h.get("tenant", "default"),
+            custom_id=h.get("custom_id") or None,
+            attempts=int(h.get("attempts", 0)),
+            max_attempts=int(h.get("max_attempts", 1)),
+            deadline=float(h["deadline"]),
+            created_at=float(h["created_at"]),
+            updated_at=float(h.get("updated_at", h["created_at"])),
+            route=Route(h["route"]) if h.get("route") else None,
+            error=ErrorInfo.model_validate_json(err_raw) if err_raw else None,
+        )
+
+    def result(self, request_id: str) -> Result | None:
+        """The result if the request has finished, else None."""
+        return self._result_from_hash(request_id, self._hash(request_id))
+
+    def _result_from_hash(self, request_id: str, h: dict[str, str]) -> Result | None:
+        if not h.get("outcome"):
+            return None
+        data = json.loads(h["data"])
+        stored = json.loads(h.get("result") or "{}")
+        return Result(
+            id=request_id,
+            custom_id=h.get("custom_id") or None,
+            tenant=h.get("tenant", "default"),
+            lane=lane_of(request_id),
+            status=State(h["outcome"]),
+            status_code=stored.get("status_code"),
+            body=stored.get("body"),
+            error=ErrorInfo.model_validate(stored["error"]) if stored.get("error") else None,
+            usage=stored.get("usage"),
+            route=Route(h["route"]) if h.get("route") else None,
+            provider=stored.get("provider"),
+            model=data.get("model"),
+            endpoint=data.get("endpoint"),
+            attempts=int(h.get("attempts", 0)),
+            deadline=float(h["deadline"]),
+            created_at=float(h["created_at"]),
+            finished_at=float(h["finished_at"]) if h.get("finished_at") else None,
+            delivered=h.get("state") == State.DELIVERED.value,
+        )
+
+    def wait(self, request_id: str, timeout_s: float | None = None) -> Result:
+        """Block until the request finishes, without polling: BLPOP on its notify list."""
+        end = None if timeout_s is None else time.monotonic() + timeout_s
+        notify = self.keys.notify(request_id)
+        while True:
+            res = self.result(request_id)
+            if res is not None:
+                return res
+            left = _WAIT_SLICE_S if end is None else min(_WAIT_SLICE_S, end - time.monotonic())
+            if left <= 0:
+                raise ResultTimeout(request_id, timeout_s or 0.0, self.status(request_id).state)
+            with store_errors(self.url):
+                popped = self.redis.blpop([notify], timeout=max(left, 0.01))
+                if popped is not None:
+                    self.redis.lpush(notify, popped[1])
+
+    def results(self, lane: str, *, since: float = 0.0, limit: int = 10_000) -> list[Result]:
+        """Finished requests of a lane, oldest first; entries whose TTL ran out are pruned."""
+        key = self.keys.finished(lane)
+        with store_errors(self.url):
+            ids = [_s(i) for i in self.redis.zrangebyscore(key, since, "+inf", start=0, num=limit)]
+            pipe = self.redis.pipeline(transaction=False)
+            for rid in ids:
+                pipe.hgetall(self.keys.request(rid))
+            hashes = pipe.execute()
+            out: list[Result] = []
+            gone: list[str] = []
+            for rid, raw in zip(ids, hashes, strict=True):
+                if not raw:
+                    gone.append(rid)
+                    continue
+                res = self._result_from_hash(rid, {_s(k): _s(v) for k, v in raw.items()})
+                if res is not None:
+                    out.append(res)
+            if gone:
+                self.redis.zrem(key, *gone)
+        return out
+
+    def lane_stats(self, lane: str, *, now: float | None = None) -> LaneStats:
+        now = time.time() if now is None else now
+        k = self.keys
+        with store_errors(self.url):
+            pipe = self.redis.pipeline(transaction=False)
+            pipe.zcard(k.queue(lane))
+            pipe.zcard(k.delayed(lane))
+            pipe.zcard(k.leases(lane))
+            pipe.zrange(k.queue_age(lane), 0, 0, withscores=True)
+            pipe.zrange(k.queue(lane), 0, 0, withscores=True)
+            pipe.hgetall(k.counts(lane))
+            depth, delayed, leased, oldest, nearest, counts = pipe.execute()
+        return LaneStats(
+            lane=lane,
+            depth=depth,
+            delayed=delayed,
+            leased=leased,
+            oldest_age_s=now - oldest[0][1] if oldest else None,
+            nearest_deadline_s=nearest[0][1] - now if nearest else None,
+            counts={_s(a): int(b) for a, b in counts.items()},
+        )
+
+    def leased_count(self, lanes: Iterable[str]) -> int:
+        with store_errors(self.url):
+            pipe = self.redis.pipeline(transaction=False)
+            for lane in lanes:
+                pipe.zcard(self.keys.leases(lane))
+            return sum(pipe.execute())
+
+    def beat(self, now: float, role: str = "sweep") -> None:
+        """Record that a periodic task ran, for ``mixbatch health``."""
+        with store_errors(self.url):
+            self.redis.set(self.keys.heartbeat(role), repr(now), ex=3600)
+
+    def last_beat(self, role: str = "sweep") -> float | None:
+        with store_errors(self.url):
+            raw = self.redis.get(self.keys.heartbeat(role))
+        return float(raw) if raw is not None else None
+
+    # -- sweeping -------------------------------------------------------------------------
+
+    def expired_leases(self, lane: str, now: float, limit: int = 1000) -> list[str]:
+        with store_errors(self.url):
+            raw = self.redis.zrangebyscore(self.keys.leases(lane), "-inf", now, start=0, num=limit)
+        return [_s(r) for r in raw]
+
+    def overdue_queued(self, lane: str, now: float, limit: int = 1000) -> list[str]:
+        with store_errors(self.url):
+            raw = self.redis.zrangebyscore(self.keys.queue(lane), "-inf", now, start=0, num=limit)
+        return [_s(r) for r in raw]
+
+    def due_deliveries(self, lane: str, now: float, limit: int = 1000) -> list[str]:
+        with store_errors(self.url):
+            raw = self.redis.zrangebyscore(self.keys.outbox(lane), "-inf", now, start=0, num=limit)
+        return [_s(r) for r in raw]
+
+    # -- delivery -------------------------------------------------------------------------
+
+    def claim_delivery(
+        self, request_id: str, *, lease_s: float, now: float | None = None
+    ) -> int | None:
+        """The delivery attempt number if this worker may deliver now, else None."""
+        now = time.time() if now is None else now
+        k = self._request_keys(request_id)
+        with store_errors(self.url):
+            out = self._scripts["deliver_claim"](
+                keys=[k["req"], k["outbox"]], args=[request_id, repr(now), repr(now + lease_s)]
+            )
+        return int(out[0]) if out else None
+
+    def delivered(self, request_id: str, *, now: float | None = None) -> bool:
+        return self._deliver_done(request_id, State.DELIVERED.value, "", now)
+
+    def dead_letter(self, request_id: str, error: ErrorInfo, *, now: float | None = None) -> bool:
+        """Give up on delivery: out of the outbox, into the dead-letter list with its last error."""
+        now = time.time() if now is None else now
+        entry = {
+            "id": request_id,
+            "lane": lane_of(request_id),
+            "at": now,
+            "error": error.model_dump(),
+        }
+        with store_errors(self.url):
+            self.redis.hset(self.keys.dead_letters(), request_id, _dumps(entry))
+        return self._deliver_done(request_id, "", error.model_dump_json(), now)
+
+    def _deliver_done(self, request_id: str, state: str, error: str, now: float | None) -> bool:
+        now = time.time() if now is None else now
+        k = self._request_keys(request_id)
+        with store_errors(self.url):
+            out = self._scripts["deliver_done"](
+                keys=[k["req"], k["outbox"], k["counts"]],
+                args=[request_id, repr(now), self.result_ttl_s, state, error],
+            )
+        return bool(out)
+
+    def retry_delivery(self, request_id: str, error: ErrorInfo, *, due_at: float) -> None:
+        k = self._request_keys(request_id)
+        with store_errors(self.url):
+            pipe = self.redis.pipeline(transaction=True)
+            pipe.hset(k["req"], "delivery_error", error.model_dump_json())
+            pipe.zadd(k["outbox"], {request_id: due_at}, xx=True)
+            pipe.execute()
+
+    def dead_letters(self) -> list[dict[str, Any]]:
+        with store_errors(self.url):
+            raw = self.redis.hgetall(self.keys.dead_letters())
+        return sorted((json.loads(v) for v in raw.values()), key=lambda e: e["at"])
