@@ -10,7 +10,7 @@ import json
 from collections.abc import Iterable, Iterator
 from typing import IO, Any
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, PrivateAttr, ValidationError
 
 from routing.errors import MalformedInput
 from routing.models import ENDPOINTS, Result
@@ -23,6 +23,12 @@ class BatchLine(BaseModel):
     method: str = "POST"
     url: str
     body: dict[str, Any]
+    _line: int = PrivateAttr(default=0)
+
+    @property
+    def line(self) -> int:
+        """The 1-based line of the file this came from, for error messages."""
+        return self._line
 
 
 def parse_batch_lines(lines: Iterable[str], source: str = "input") -> list[BatchLine]:
@@ -33,7 +39,7 @@ def parse_batch_lines(lines: Iterable[str], source: str = "input") -> list[Batch
         if not raw.strip():
             continue
         try:
-            obj = json.loads(raw)
+            obj = json.loads(raw.rstrip("\r\n"))
         except json.JSONDecodeError as exc:
             raise MalformedInput(
                 f"not JSON ({exc.msg} at column {exc.colno})", line=number, source=source
@@ -63,6 +69,7 @@ def parse_batch_lines(lines: Iterable[str], source: str = "input") -> list[Batch
                 source=source,
             )
         seen[line.custom_id] = number
+        line._line = number
         out.append(line)
     return out
 

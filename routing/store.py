@@ -44,7 +44,8 @@ from routing.states import FINISHED, LEASED, State
 log = logging.getLogger(__name__)
 
 DEFAULT_RESULT_TTL_S = 7 * 86400
-_WAIT_SLICE_S = 5.0
+#: Below redis-py's default socket timeout (5 s), so a BLPOP never trips it.
+_WAIT_SLICE_S = 2.0
 
 
 @contextlib.contextmanager

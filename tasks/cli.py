@@ -19,12 +19,14 @@ from typing import Any, TypeVar
 
 import click
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from routing.errors import (
     ConfigError,
     InvalidRequest,
     LaneFull,
+    MalformedInput,
     MixbatchError,
     StoreUnavailable,
 )
@@ -62,7 +64,7 @@ class Group(click.Group):
         try:
             return super().invoke(ctx)
         except MixbatchError as exc:
-            err_console.print(f"[red]error:[/] {exc}", highlight=False)
+            err_console.print(f"[red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
             sys.exit(_exit_code(exc))
 
 
@@ -84,9 +86,16 @@ def example(name: str) -> Callable[[F], F]:
 
 
 def _settings() -> Any:
+    from pydantic import ValidationError
+
     from config.settings import get_settings
 
-    return get_settings()
+    try:
+        return get_settings()
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        name = "MIXBATCH_" + ".".join(str(p) for p in first["loc"]).upper()
+        raise ConfigError(f"{name}: {first['msg']} (got {first.get('input')!r})") from None
 
 
 def _client() -> Any:
@@ -142,6 +151,8 @@ def up(procfile: Path) -> None:
         url, owned = ensure_running(s.data_dir, appendfsync=s.embedded_fsync)
         console.print(f"embedded Redis at {url} (data in {s.data_dir}/, AOF on)")
     os.environ["MIXBATCH_REDIS_URL"] = url
+    bin_dir = str(Path(sys.executable).parent)
+    os.environ["PATH"] = os.pathsep.join([bin_dir, os.environ.get("PATH", "")])
     from config.settings import reset_settings
 
     reset_settings()
@@ -203,7 +214,14 @@ def submit(
         for ln in lines
     ]
     with _client() as client:
-        client.prepare_many(items)
+        client.config.lane(lane)
+        try:
+            client.prepare_many(items)
+        except InvalidRequest as exc:
+            index = int(str(exc.field).removeprefix("items[").removesuffix("]"))
+            message = str(exc).split(": ", 1)[1]
+            raise MalformedInput(message, line=lines[index].line, source=str(file)) from None
+        _check_room(client, lane, tenant, [ln.custom_id for ln in lines])
         with _progress(disable=as_json) as progress:
             task = progress.add_task(f"enqueueing into {lane}", total=len(items))
             tickets = client.submit_many(items, on_progress=lambda k: progress.advance(task, k))
@@ -227,6 +245,27 @@ def submit(
     else:
         ok = sum(r.ok for r in results)
         console.print(f"{ok}/{len(results)} done; `mixbatch results --out FILE` writes them out")
+
+
+def _check_room(client: Any, lane: str, tenant: str, custom_ids: list[str]) -> None:
+    """Refuse a file that cannot fit whole, so backpressure never leaves half of it enqueued.
+
+    Only lines not already submitted count (resubmitting a file stays idempotent); the store's
+    own cap still guards against producers racing for the last places.
+    """
+    from routing.store import store_errors
+
+    cap = client.config.lane(lane).max_queued
+    if not cap:
+        return
+    store = client.store
+    with store_errors(store.url):
+        pipe = store.redis.pipeline(transaction=False)
+        for cid in custom_ids:
+            pipe.exists(store.keys.idempotency(tenant, cid))
+        new = sum(1 for seen in pipe.execute() if not seen)
+    if new and store.lane_stats(lane).depth + new > cap:
+        raise LaneFull(lane, cap)
 
 
 @contextmanager
@@ -289,7 +328,10 @@ def results(out: Path | None, lanes: tuple[str, ...], since: str | None) -> None
     from routing.jsonl import write_output
     from routing.models import parse_duration_s
 
-    start = time.time() - parse_duration_s(since) if since else 0.0
+    try:
+        start = time.time() - parse_duration_s(since) if since else 0.0
+    except ValueError as exc:
+        raise InvalidRequest(str(exc), field="--since") from None
     with _client() as client:
         names = list(lanes) or [s.name for s in client.config.by_priority()]
         for name in names:
@@ -367,8 +409,12 @@ def sandbox(
         rate_timeout=rate_timeout,
         seed=seed,
     )
-    err_console.print(f"SANDBOX provider on http://{host}:{port} (not a real API)")
-    serve(host, port, knobs)
+    try:
+        serve(host, port, knobs)
+    except OSError as exc:
+        raise ConfigError(
+            f"cannot serve the sandbox on {host}:{port} ({exc.strerror}); pick another --port"
+        ) from None
 
 
 def main() -> None:
