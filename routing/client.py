@@ -143,8 +143,9 @@ class Client:
                 loaded = self.store.load_config()
                 if loaded is None:
                     raise ConfigError(
-                        f"no lanes table in Redis at {redact_url(self.redis_url)}: start the "
-                        "service (`mixbatch up`) once, or pass `config=` to Client"
+                        f"no lanes table in Redis at {redact_url(self.redis_url)} under "
+                        f"namespace {self.store.keys.ns!r}: start the service (`mixbatch up`) "
+                        "once, check MIXBATCH_NAMESPACE matches it, or pass `config=` to Client"
                     )
                 self._config, self._config_at = loaded, time.monotonic()
             return self._config
@@ -152,7 +153,10 @@ class Client:
     def _request(self, item: Request | dict[str, Any]) -> Request:
         if isinstance(item, dict) and "tenant" not in item:
             item = {**item, "tenant": self.tenant}
-        return coerce_request(item)
+        req = coerce_request(item)
+        if "tenant" not in req.model_fields_set:
+            req = req.model_copy(update={"tenant": self.tenant})
+        return req
 
     def submit(self, request: Request | dict[str, Any] | None = None, /, **fields: Any) -> Ticket:
         """Enqueue one request; durable once this returns. Fields as in ``Request``.
@@ -185,7 +189,13 @@ class Client:
         config = self.config
         for start in range(0, len(prepared), chunk_size):
             chunk = prepared[start : start + chunk_size]
-            tickets.extend(self.store.submit_many(chunk, config))
+            try:
+                tickets.extend(self.store.submit_many(chunk, config))
+            except LaneFull as exc:
+                exc.accepted = tickets + exc.accepted  # type: ignore[attr-defined]
+                later = range(start + len(chunk), len(prepared))
+                exc.rejected = [start + i for i in exc.rejected] + list(later)  # type: ignore[attr-defined]
+                raise
             if on_progress is not None:
                 on_progress(len(chunk))
         return tickets

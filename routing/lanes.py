@@ -13,9 +13,18 @@ from routing.models import LaneSpec, parse_duration_s
 
 
 def _line_of(text: str, lane: str) -> int | None:
-    pattern = re.compile(rf"^\s*\[\s*lanes\.\"?{re.escape(lane)}\"?\s*\]")
+    """The line defining ``lane``, whichever TOML spelling the file uses."""
+    name = re.escape(lane)
+    header = re.compile(rf"^\s*\[\s*lanes\s*\.\s*([\"']?){name}\1\s*[\].]")
+    dotted = re.compile(rf"^\s*lanes\s*\.\s*([\"']?){name}\1\s*[.=]")
+    inline = re.compile(rf"^\s*([\"']?){name}\1\s*[.=]")
+    in_lanes = False
     for number, line in enumerate(text.splitlines(), start=1):
-        if pattern.match(line):
+        if header.match(line) or dotted.match(line):
+            return number
+        if re.match(r"^\s*\[", line):
+            in_lanes = bool(re.match(r"^\s*\[\s*lanes\s*\]", line))
+        elif in_lanes and inline.match(line):
             return number
     return None
 

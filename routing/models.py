@@ -50,6 +50,8 @@ def parse_duration_s(text: str | float | int | timedelta) -> float:
     """Seconds from ``90``, ``"90s"``, ``"15m"``, ``"6h"``, ``"1d"`` or a timedelta."""
     if isinstance(text, timedelta):
         return text.total_seconds()
+    if isinstance(text, bool):
+        raise ValueError(f"{text!r} is not a duration (examples: 90s, 15m, 6h, 1d)")
     if isinstance(text, int | float):
         return float(text)
     match = _DURATION.match(text)
@@ -73,7 +75,7 @@ class LaneSpec(BaseModel):
     @field_validator("name")
     @classmethod
     def _name(cls, v: str) -> str:
-        if not LANE_NAME.match(v):
+        if not LANE_NAME.fullmatch(v):
             raise ValueError(
                 f"lane name {v!r} must be 1-32 characters of a-z, 0-9, '-' or '_', "
                 "starting with a letter or digit"

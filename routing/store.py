@@ -44,6 +44,8 @@ from routing.states import FINISHED, LEASED, State
 log = logging.getLogger(__name__)
 
 DEFAULT_RESULT_TTL_S = 7 * 86400
+#: A custom_id claimed this long ago whose request never appeared: its submitter died.
+TAKEOVER_S = 30.0
 #: Below redis-py's default socket timeout (5 s), so a BLPOP never trips it.
 _WAIT_SLICE_S = 2.0
 
@@ -141,85 +143,54 @@ class LaneStore:
     def submit_many(
         self, items: Sequence[Prepared], lanes: ServiceConfig, *, now: float | None = None
     ) -> list[Ticket]:
-        """Enqueue in three pipelined round trips, however many items.
+        """Enqueue in a few pipelined round trips, however many items.
 
-        Idempotency first (``SET NX`` per tenant and custom_id), then one create script per
-        request. A duplicate custom_id returns the first request's ticket. If a lane is full,
-        the requests that fit stay enqueued and ``LaneFull`` carries their tickets; resubmitting
-        the same items is safe because of the custom_id check.
+        Idempotency first: ``SET NX`` per (tenant, custom_id) decides who is first, and only the
+        first creates; everyone else gets the first request's ticket (``duplicate=True``) with
+        its stored lane and deadline. A custom_id whose first submitter died before creating
+        (older than ``TAKEOVER_S``) is taken over under the same id, so it is never lost. If a
+        lane is full, the requests that fit stay enqueued and ``LaneFull`` carries their tickets
+        (``accepted``) and the refused indices (``rejected``); resubmitting is safe.
         """
         now = time.time() if now is None else now
         ids = [new_request_id(p.lane, now) for p in items]
-        seen: dict[str, int] = {}
+        first_of: dict[str, int] = {}
         alias: dict[int, int] = {}
-        idem_slots: list[tuple[int, str]] = []
+        idem: list[tuple[int, str]] = []
         for i, p in enumerate(items):
             if p.custom_id is None:
                 continue
             key = self.keys.idempotency(p.tenant, p.custom_id)
-            if key in seen:
-                alias[i] = seen[key]
+            if key in first_of:
+                alias[i] = first_of[key]
                 continue
-            seen[key] = i
-            idem_slots.append((i, key))
-        duplicate = [False] * len(items)
-        with store_errors(self.url):
-            if idem_slots:
-                pipe = self.redis.pipeline(transaction=False)
-                for i, key in idem_slots:
-                    ttl = int(max(items[i].deadline - now, 0) + self.result_ttl_s + 3600)
-                    pipe.set(key, ids[i], nx=True, ex=ttl)
-                won = pipe.execute()
-                losers = [(i, key) for (i, key), ok in zip(idem_slots, won, strict=True) if not ok]
-                if losers:
-                    pipe = self.redis.pipeline(transaction=False)
-                    for _, key in losers:
-                        pipe.get(key)
-                    for (i, _), existing in zip(losers, pipe.execute(), strict=True):
-                        if existing is not None:
-                            ids[i] = _s(existing)
-                            duplicate[i] = True
-            for i, j in alias.items():
-                ids[i] = ids[j]
-                duplicate[i] = True
-            pipe = self.redis.pipeline(transaction=False)
-            order = [i for i in range(len(items)) if i not in alias]
-            for i in order:
-                p = items[i]
-                lane = lane_of(ids[i])
-                if lane != p.lane:
-                    p = p.model_copy(update={"lane": lane})
-                k = self._request_keys(ids[i])
-                cap = lanes.lane(lane).max_queued
-                self._scripts["submit"](
-                    keys=[k["req"], k["q"], k["qage"], k["counts"]],
-                    args=[
-                        ids[i],
-                        repr(p.deadline),
-                        p.model_dump_json(),
-                        cap,
-                        repr(now),
-                        p.tenant,
-                        p.custom_id or "",
-                        p.max_attempts,
-                        State.QUEUED.value,
-                    ],
-                    client=pipe,
-                )
-            outcomes = pipe.execute()
+            first_of[key] = i
+            idem.append((i, key))
         tickets: list[Ticket | None] = [None] * len(items)
+        create: list[int] = [i for i in range(len(items)) if items[i].custom_id is None]
+        with store_errors(self.url):
+            if idem:
+                pipe = self.redis.pipeline(transaction=False)
+                for i, key in idem:
+                    ttl = int(max(items[i].deadline - now, 0) + self.result_ttl_s + 3600)
+                    pipe.set(key, f"{ids[i]}|{now!r}", nx=True, ex=ttl)
+                won = pipe.execute()
+                create.extend(i for (i, _), ok in zip(idem, won, strict=True) if ok)
+                losers = [(i, key) for (i, key), ok in zip(idem, won, strict=True) if not ok]
+                if losers:
+                    self._resolve_duplicates(items, ids, losers, tickets, create, now)
+            outcomes = self._create(items, ids, sorted(create), lanes, now)
         full: dict[str, list[int]] = {}
-        for i, out in zip(order, outcomes, strict=True):
-            code = int(out[0])
+        for i, code in outcomes:
             if code == -1:
-                full.setdefault(items[i].lane, []).append(i)
+                full.setdefault(lane_of(ids[i]), []).append(i)
                 continue
             tickets[i] = Ticket(
                 id=ids[i],
                 custom_id=items[i].custom_id,
                 lane=lane_of(ids[i]),
                 deadline=items[i].deadline,
-                duplicate=duplicate[i] or code == 0,
+                duplicate=False,
             )
         for i, j in alias.items():
             first = tickets[j]
@@ -228,19 +199,93 @@ class LaneStore:
         if full:
             self._release_idempotency([(items[i], ids[i]) for ix in full.values() for i in ix])
             lane = next(iter(full))
+            refused = set(full[lane]) | {i for i, j in alias.items() if j in full[lane]}
             err = LaneFull(lane, lanes.lane(lane).max_queued)
             err.accepted = [t for t in tickets if t is not None]  # type: ignore[attr-defined]
-            err.rejected = sorted(i for ix in full.values() for i in ix)  # type: ignore[attr-defined]
+            err.rejected = sorted(refused | {i for ix in full.values() for i in ix})  # type: ignore[attr-defined]
             raise err
         log.debug("submitted", extra={"count": len(items)})
         return [t for t in tickets if t is not None]
 
+    def _resolve_duplicates(
+        self,
+        items: Sequence[Prepared],
+        ids: list[str],
+        losers: list[tuple[int, str]],
+        tickets: list[Ticket | None],
+        create: list[int],
+        now: float,
+    ) -> None:
+        """Tickets of the first submitters, read back; take over ids whose creator died."""
+        pipe = self.redis.pipeline(transaction=False)
+        for _, key in losers:
+            pipe.get(key)
+        existing = pipe.execute()
+        pipe = self.redis.pipeline(transaction=False)
+        owners: list[tuple[int, str, float]] = []
+        for (i, _), raw in zip(losers, existing, strict=True):
+            if raw is None:
+                create.append(i)
+                continue
+            rid, _, when = _s(raw).partition("|")
+            owners.append((i, rid, float(when or 0)))
+            pipe.hget(self.keys.request(rid), "deadline")
+        for (i, rid, stamp), deadline in zip(owners, pipe.execute(), strict=True):
+            ids[i] = rid
+            if deadline is None and now - stamp > TAKEOVER_S:
+                create.append(i)
+                continue
+            tickets[i] = Ticket(
+                id=rid,
+                custom_id=items[i].custom_id,
+                lane=lane_of(rid),
+                deadline=float(deadline) if deadline is not None else items[i].deadline,
+                duplicate=True,
+            )
+
+    def _create(
+        self,
+        items: Sequence[Prepared],
+        ids: list[str],
+        order: list[int],
+        lanes: ServiceConfig,
+        now: float,
+    ) -> list[tuple[int, int]]:
+        pipe = self.redis.pipeline(transaction=False)
+        for i in order:
+            p = items[i]
+            lane = lane_of(ids[i])
+            if lane != p.lane:
+                p = p.model_copy(update={"lane": lane})
+            k = self._request_keys(ids[i])
+            self._scripts["submit"](
+                keys=[k["req"], k["q"], k["qage"], k["counts"]],
+                args=[
+                    ids[i],
+                    repr(p.deadline),
+                    p.model_dump_json(),
+                    lanes.lane(lane).max_queued,
+                    repr(now),
+                    p.tenant,
+                    p.custom_id or "",
+                    p.max_attempts,
+                    State.QUEUED.value,
+                ],
+                client=pipe,
+            )
+        return [(i, int(out[0])) for i, out in zip(order, pipe.execute(), strict=True)]
+
     def _release_idempotency(self, pairs: Iterable[tuple[Prepared, str]]) -> None:
         """Free the custom_id of a request that was refused, but only if it still points at it."""
-        script = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0"
-        for p, rid in pairs:
-            if p.custom_id is not None:
-                self.redis.eval(script, 1, self.keys.idempotency(p.tenant, p.custom_id), rid)
+        script = (
+            "local v = redis.call('GET', KEYS[1]) "
+            "if v and string.sub(v, 1, string.len(ARGV[1]) + 1) == ARGV[1] .. '|' then "
+            "return redis.call('DEL', KEYS[1]) end return 0"
+        )
+        with store_errors(self.url):
+            for p, rid in pairs:
+                if p.custom_id is not None:
+                    self.redis.eval(script, 1, self.keys.idempotency(p.tenant, p.custom_id), rid)
 
     # -- claim and lease transitions --------------------------------------------------------
 
@@ -248,6 +293,8 @@ class LaneStore:
         self, lane: str, n: int, *, lease_s: float, now: float | None = None
     ) -> list[Claimed]:
         """Up to ``n`` queued requests of ``lane``, earliest deadline first, each under a lease."""
+        if n <= 0:
+            return []
         now = time.time() if now is None else now
         token = uuid.uuid4().hex
         k = self.keys
@@ -378,7 +425,8 @@ class LaneStore:
         if code == 1:
             return State.QUEUED
         if code == -1:
-            attempts = self.redis.hget(k["req"], "attempts")
+            with store_errors(self.url):
+                attempts = self.redis.hget(k["req"], "attempts")
             final = error.model_copy(
                 update={"message": f"{error.message} (gave up after {_s(attempts)} attempts)"}
             )
@@ -628,9 +676,11 @@ class LaneStore:
             "at": now,
             "error": error.model_dump(),
         }
+        if not self._deliver_done(request_id, "", error.model_dump_json(), now):
+            return False
         with store_errors(self.url):
             self.redis.hset(self.keys.dead_letters(), request_id, _dumps(entry))
-        return self._deliver_done(request_id, "", error.model_dump_json(), now)
+        return True
 
     def _deliver_done(self, request_id: str, state: str, error: str, now: float | None) -> bool:
         now = time.time() if now is None else now
@@ -643,12 +693,16 @@ class LaneStore:
         return bool(out)
 
     def retry_delivery(self, request_id: str, error: ErrorInfo, *, due_at: float) -> None:
+        script = (
+            "if redis.call('EXISTS', KEYS[1]) == 0 then redis.call('ZREM', KEYS[2], ARGV[1]) return 0 end "
+            "redis.call('HSET', KEYS[1], 'delivery_error', ARGV[2]) "
+            "return redis.call('ZADD', KEYS[2], 'XX', ARGV[3], ARGV[1])"
+        )
         k = self._request_keys(request_id)
         with store_errors(self.url):
-            pipe = self.redis.pipeline(transaction=True)
-            pipe.hset(k["req"], "delivery_error", error.model_dump_json())
-            pipe.zadd(k["outbox"], {request_id: due_at}, xx=True)
-            pipe.execute()
+            self.redis.eval(
+                script, 2, k["req"], k["outbox"], request_id, error.model_dump_json(), repr(due_at)
+            )
 
     def dead_letters(self) -> list[dict[str, Any]]:
         with store_errors(self.url):
