@@ -169,7 +169,7 @@ class Client:
         elif fields:
             raise TypeError("pass a Request (or dict) or keyword fields, not both")
         prepared = prepare(self._request(request), self.config, time.time())
-        return self.store.submit_many([prepared], self.config)[0]
+        return self.store.submit_one(prepared, self.config)
 
     def submit_many(
         self,

@@ -7,13 +7,13 @@ of mixbatch's ``InvalidRequest`` errors that names the bad field.
 
 from __future__ import annotations
 
-import json
 import re
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic_core import to_json
 
 from routing.errors import (
     BodyTooLarge,
@@ -204,7 +204,7 @@ def prepare(req: Request, config: ServiceConfig, now: float) -> Prepared:
         raise InvalidRequest(
             f"model {model!r} differs from body.model {body['model']!r}", field="model"
         )
-    size = len(json.dumps(body, separators=(",", ":")).encode())
+    size = len(to_json(body))
     if size > config.max_body_bytes:
         raise BodyTooLarge(
             f"{size} bytes is over the cap of {config.max_body_bytes} (MIXBATCH_MAX_BODY_BYTES)",

@@ -46,6 +46,8 @@ log = logging.getLogger(__name__)
 DEFAULT_RESULT_TTL_S = 7 * 86400
 #: A custom_id claimed this long ago whose request never appeared: its submitter died.
 TAKEOVER_S = 30.0
+#: Requests per Lua call in bulk submit: long enough to amortise, short enough not to stall Redis.
+_SCRIPT_CHUNK = 1000
 #: Below redis-py's default socket timeout (5 s), so a BLPOP never trips it.
 _WAIT_SLICE_S = 2.0
 
@@ -85,15 +87,19 @@ class LaneStore:
         namespace: str = "mb",
         result_ttl_s: int = DEFAULT_RESULT_TTL_S,
         url: str = "redis",
+        cluster: bool = False,
     ) -> None:
         self.redis = client
+        self.cluster = cluster
         self.keys = Keys(namespace)
         self.result_ttl_s = result_ttl_s
         self.url = url
         self._scripts = {
             name: _load_script(client, name)
             for name in (
-                "submit",
+                "submit_many",
+                "submit_one",
+                "claim_ids",
                 "claim",
                 "start",
                 "finish",
@@ -170,11 +176,7 @@ class LaneStore:
         create: list[int] = [i for i in range(len(items)) if items[i].custom_id is None]
         with store_errors(self.url):
             if idem:
-                pipe = self.redis.pipeline(transaction=False)
-                for i, key in idem:
-                    ttl = int(max(items[i].deadline - now, 0) + self.result_ttl_s + 3600)
-                    pipe.set(key, f"{ids[i]}|{now!r}", nx=True, ex=ttl)
-                won = pipe.execute()
+                won = self._claim_ids(items, ids, idem, now)
                 create.extend(i for (i, _), ok in zip(idem, won, strict=True) if ok)
                 losers = [(i, key) for (i, key), ok in zip(idem, won, strict=True) if not ok]
                 if losers:
@@ -243,6 +245,35 @@ class LaneStore:
                 duplicate=True,
             )
 
+    def _claim_ids(
+        self, items: Sequence[Prepared], ids: list[str], idem: list[tuple[int, str]], now: float
+    ) -> list[bool]:
+        """Reserve custom_ids, one script per tenant slot and chunk; True where this call won."""
+        by_tenant: dict[str, list[int]] = {}
+        for n, (i, _) in enumerate(idem):
+            by_tenant.setdefault(items[i].tenant, []).append(n)
+        pipe = self.redis.pipeline(transaction=False)
+        calls: list[list[int]] = []
+        for positions in by_tenant.values():
+            for start in range(0, len(positions), _SCRIPT_CHUNK):
+                chunk = positions[start : start + _SCRIPT_CHUNK]
+                rows = [
+                    [f"{ids[idem[n][0]]}|{now!r}", self._idem_ttl(items[idem[n][0]], now)]
+                    for n in chunk
+                ]
+                self._scripts["claim_ids"](
+                    keys=[idem[n][1] for n in chunk], args=[_dumps(rows)], client=pipe
+                )
+                calls.append(chunk)
+        won = [False] * len(idem)
+        for chunk, out in zip(calls, pipe.execute(), strict=True):
+            for n, code in zip(chunk, out, strict=True):
+                won[n] = code == 1
+        return won
+
+    def _idem_ttl(self, item: Prepared, now: float) -> int:
+        return int(max(item.deadline - now, 0) + self.result_ttl_s + 3600)
+
     def _create(
         self,
         items: Sequence[Prepared],
@@ -251,29 +282,83 @@ class LaneStore:
         lanes: ServiceConfig,
         now: float,
     ) -> list[tuple[int, int]]:
-        pipe = self.redis.pipeline(transaction=False)
+        """Create requests, one script per lane and chunk: one fsync and one reply per chunk."""
+        by_lane: dict[str, list[int]] = {}
         for i in order:
-            p = items[i]
-            lane = lane_of(ids[i])
-            if lane != p.lane:
-                p = p.model_copy(update={"lane": lane})
-            k = self._request_keys(ids[i])
-            self._scripts["submit"](
-                keys=[k["req"], k["q"], k["qage"], k["counts"]],
+            by_lane.setdefault(lane_of(ids[i]), []).append(i)
+        pipe = self.redis.pipeline(transaction=False)
+        calls: list[list[int]] = []
+        k = self.keys
+        for lane, members in by_lane.items():
+            cap = lanes.lane(lane).max_queued
+            prefix = k.request_prefix(lane)
+            for start in range(0, len(members), _SCRIPT_CHUNK):
+                chunk = members[start : start + _SCRIPT_CHUNK]
+                rows = []
+                for i in chunk:
+                    p = items[i]
+                    if p.lane != lane:
+                        p = p.model_copy(update={"lane": lane})
+                    rows.append(
+                        [
+                            ids[i],
+                            repr(p.deadline),
+                            p.tenant,
+                            p.custom_id or "",
+                            p.max_attempts,
+                            p.model_dump_json(),
+                        ]
+                    )
+                keys = [k.queue(lane), k.queue_age(lane), k.counts(lane)]
+                args = [cap, repr(now), State.QUEUED.value, prefix, _dumps(rows)]
+                self._scripts["submit_many"](keys=keys, args=args, client=pipe)
+                calls.append(chunk)
+        out: list[tuple[int, int]] = []
+        for chunk, codes in zip(calls, pipe.execute(), strict=True):
+            out.extend((i, int(code)) for i, code in zip(chunk, codes, strict=True))
+        return out
+
+    def submit_one(
+        self, item: Prepared, lanes: ServiceConfig, *, now: float | None = None
+    ) -> Ticket:
+        """One request in one round trip (single Redis node): reserve the custom_id and create.
+
+        Falls back to ``submit_many`` for the rare cases that need more: a duplicate whose first
+        submitter died, or a Redis Cluster (the two keys live in different slots there).
+        """
+        if self.cluster:
+            return self.submit_many([item], lanes, now=now)[0]
+        now = time.time() if now is None else now
+        rid = new_request_id(item.lane, now)
+        k = self.keys
+        req = k.request(rid)
+        idem = k.idempotency(item.tenant, item.custom_id) if item.custom_id else req
+        with store_errors(self.url):
+            out = self._scripts["submit_one"](
+                keys=[idem, req, k.queue(item.lane), k.queue_age(item.lane), k.counts(item.lane)],
                 args=[
-                    ids[i],
-                    repr(p.deadline),
-                    p.model_dump_json(),
-                    lanes.lane(lane).max_queued,
+                    rid,
+                    repr(item.deadline),
+                    item.model_dump_json(),
+                    lanes.lane(item.lane).max_queued,
                     repr(now),
-                    p.tenant,
-                    p.custom_id or "",
-                    p.max_attempts,
+                    item.tenant,
+                    item.custom_id or "",
+                    item.max_attempts,
                     State.QUEUED.value,
+                    f"{rid}|{now!r}",
+                    self._idem_ttl(item, now),
                 ],
-                client=pipe,
             )
-        return [(i, int(out[0])) for i, out in zip(order, pipe.execute(), strict=True)]
+        code = int(out[0])
+        if code == 1:
+            return Ticket(id=rid, custom_id=item.custom_id, lane=item.lane, deadline=item.deadline)
+        if code == -1:
+            err = LaneFull(item.lane, lanes.lane(item.lane).max_queued)
+            err.accepted = []  # type: ignore[attr-defined]
+            err.rejected = [0]  # type: ignore[attr-defined]
+            raise err
+        return self.submit_many([item], lanes, now=now)[0]
 
     def _release_idempotency(self, pairs: Iterable[tuple[Prepared, str]]) -> None:
         """Free the custom_id of a request that was refused, but only if it still points at it."""

@@ -1,0 +1,33 @@
+-- submit_many: create many requests of ONE lane in one step (one fsync, one reply).
+-- KEYS[1] q  KEYS[2] qage  KEYS[3] counts
+-- ARGV[1] max_queued (0 = no cap)  ARGV[2] now  ARGV[3] QUEUED  ARGV[4] request key prefix
+-- ARGV[5] JSON array of [id, deadline, tenant, custom_id, max_attempts, data (json text)]
+-- (one argument for the whole chunk: packing thousands of small arguments costs the client
+-- more than the script itself). Request hashes are built from the prefix: same lane slot.
+-- returns one code per request: 1 created, 0 already there, -1 lane full
+local cap = tonumber(ARGV[1])
+local depth = redis.call('ZCARD', KEYS[1])
+local rows = cjson.decode(ARGV[5])
+local out = {}
+local created = 0
+for i, r in ipairs(rows) do
+  local key = ARGV[4] .. r[1]
+  if redis.call('EXISTS', key) == 1 then
+    out[i] = 0
+  elseif cap > 0 and depth >= cap then
+    out[i] = -1
+  else
+    redis.call('HSET', key, 'state', ARGV[3], 'deadline', r[2], 'data', r[6],
+      'created_at', ARGV[2], 'tenant', r[3], 'custom_id', r[4], 'attempts', 0, 'max_attempts', r[5])
+    redis.call('ZADD', KEYS[1], r[2], r[1])
+    redis.call('ZADD', KEYS[2], ARGV[2], r[1])
+    depth = depth + 1
+    created = created + 1
+    out[i] = 1
+  end
+end
+if created > 0 then
+  redis.call('HINCRBY', KEYS[3], ARGV[3], created)
+  redis.call('HINCRBY', KEYS[3], 'submitted_total', created)
+end
+return out
