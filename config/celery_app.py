@@ -11,7 +11,14 @@ from config.settings import get_settings
 
 app = Celery(
     "mixbatch",
-    include=["tasks.aggregate", "tasks.realtime", "tasks.deliver", "tasks.sweep", "tasks.enqueue"],
+    include=[
+        "tasks.aggregate",
+        "tasks.realtime",
+        "tasks.batch",
+        "tasks.deliver",
+        "tasks.sweep",
+        "tasks.enqueue",
+    ],
 )
 app.config_from_object("config.celeryconfig")
 

@@ -7,6 +7,7 @@ from datetime import timedelta
 from kombu import Queue
 
 from config.queues import (
+    BATCH_QUEUE,
     CONTROL_QUEUE,
     DELIVER_QUEUE,
     GPU_QUEUE,
@@ -46,12 +47,26 @@ task_routes = {
     "mixbatch.enqueue": {"queue": CONTROL_QUEUE},
     "mixbatch.realtime": {"queue": REALTIME_QUEUE},
     "mixbatch.deliver": {"queue": DELIVER_QUEUE},
+    "mixbatch.deliver_many": {"queue": DELIVER_QUEUE},
+    "mixbatch.batch_flush": {"queue": CONTROL_QUEUE},
+    "mixbatch.batch_submit": {"queue": BATCH_QUEUE},
+    "mixbatch.batch_poll": {"queue": BATCH_QUEUE},
 }
 beat_schedule = {
     "aggregate": {
         "task": "mixbatch.aggregate",
         "schedule": timedelta(seconds=_s.aggregate_interval_s),
         "options": {"expires": _s.aggregate_interval_s * 5},
+    },
+    "batch-flush": {
+        "task": "mixbatch.batch_flush",
+        "schedule": timedelta(seconds=_s.batch_flush_interval_s),
+        "options": {"expires": _s.batch_flush_interval_s * 5},
+    },
+    "batch-poll": {
+        "task": "mixbatch.batch_poll",
+        "schedule": timedelta(seconds=_s.batch_poll_interval_s),
+        "options": {"expires": _s.batch_poll_interval_s * 3},
     },
     "sweep": {
         "task": "mixbatch.sweep",

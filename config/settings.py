@@ -11,7 +11,7 @@ import functools
 from pathlib import Path
 from typing import Literal
 
-from pydantic import AliasChoices, Field, SecretStr, field_validator
+from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from routing.errors import ConfigError
@@ -19,10 +19,6 @@ from routing.lanes import parse_lanes
 from routing.models import LaneSpec, ServiceConfig
 
 DEFAULT_LANES_FILE = Path(__file__).with_name("lanes.toml")
-
-
-def _alias(name: str, sdk_name: str) -> AliasChoices:
-    return AliasChoices(f"MIXBATCH_{name}", sdk_name)
 
 
 class Settings(BaseSettings):
@@ -57,31 +53,45 @@ class Settings(BaseSettings):
     retry_base_s: float = Field(default=0.5, gt=0)
     retry_cap_s: float = Field(default=30.0, gt=0)
 
+    providers_file: Path = Field(
+        default=Path(__file__).with_name("providers.toml"), description="provider accounts table"
+    )
+    providers: tuple[str, ...] = Field(
+        default=("openai", "anthropic"), description="accounts whose keys must be set at start"
+    )
+    prices_file: Path = Field(default=Path(__file__).with_name("prices.toml"))
+    batch_enabled: bool = Field(default=True, description="route to provider batches at all")
+    batch_turnaround_s: dict[str, float] = Field(
+        default_factory=dict, description='per-account override, e.g. {"openai": 30}'
+    )
+    batch_margin_s: float = Field(
+        default=600.0, ge=0, description="safety margin of the batch route"
+    )
+    hedge_margin_s: float = Field(
+        default=120.0, ge=0, description="re-route a late batch's requests"
+    )
+    realtime_estimate_s: float = Field(
+        default=30.0, gt=0, description="expected realtime turnaround"
+    )
+    batch_target_bytes: int = Field(
+        default=20 * 1024 * 1024, gt=0, description="aim of one batch file"
+    )
+    batch_max_lines: int | None = Field(default=None, gt=0, description="cap below the provider's")
+    batch_max_wait_s: float = Field(
+        default=300.0, gt=0, description="longest a group waits to fill"
+    )
+    batch_flush_interval_s: float = Field(default=2.0, gt=0)
+    batch_poll_interval_s: float = Field(default=5.0, gt=0)
+    batch_poll_max_interval_s: float = Field(default=60.0, gt=0)
+    batch_delete_files: bool = Field(
+        default=False, description="delete provider files after collection"
+    )
+
     delivery_max_attempts: int = Field(default=8, ge=1)
     delivery_lease_s: float = Field(default=60.0, gt=0)
 
-    openai_api_key: SecretStr | None = Field(
-        default=None, validation_alias=_alias("OPENAI_API_KEY", "OPENAI_API_KEY")
-    )
-    openai_base_url: str = Field(
-        default="https://api.openai.com/v1",
-        validation_alias=_alias("OPENAI_BASE_URL", "OPENAI_BASE_URL"),
-    )
-    anthropic_api_key: SecretStr | None = Field(
-        default=None, validation_alias=_alias("ANTHROPIC_API_KEY", "ANTHROPIC_API_KEY")
-    )
-    anthropic_base_url: str = Field(
-        default="https://api.anthropic.com",
-        validation_alias=_alias("ANTHROPIC_BASE_URL", "ANTHROPIC_BASE_URL"),
-    )
-
     log_level: str = "INFO"
     log_format: Literal["auto", "json", "text"] = "auto"
-
-    @field_validator("openai_base_url", "anthropic_base_url")
-    @classmethod
-    def _strip_slash(cls, v: str) -> str:
-        return v.rstrip("/")
 
     def lanes(self) -> tuple[LaneSpec, ...]:
         try:

@@ -10,6 +10,7 @@ from pydantic import ValidationError
 
 from routing.errors import ConfigError
 from routing.models import LaneSpec, parse_duration_s
+from routing.planner import check_window
 
 
 def _line_of(text: str, lane: str) -> int | None:
@@ -51,6 +52,11 @@ def parse_lanes(text: str, source: str = "lanes.toml") -> tuple[LaneSpec, ...]:
                 raise ConfigError(f"{where}: deadline: {exc}") from None
         fields.setdefault("deadline_s", 3600.0)
         fields["submit_windows"] = tuple(fields.get("submit_windows", ()))
+        for expr in fields["submit_windows"]:
+            try:
+                check_window(str(expr))
+            except ConfigError as exc:
+                raise ConfigError(f"{where}: submit_windows: {exc}") from None
         try:
             lanes.append(LaneSpec(name=name, **fields))
         except ValidationError as exc:

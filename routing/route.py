@@ -1,13 +1,17 @@
-"""Route choice: pure functions over a request, its deadline and ``now``; no I/O, no clock.
+"""Route choice: pure functions over a request, its deadline, estimates and ``now``; no I/O.
 
-DESIGN.md's rule is the cheapest route still expected to finish before the deadline. Until the
-provider-batch and GPU routes exist, the only route is realtime; the shape (candidates in,
-a decision with its reason out) is what those routes extend.
+DESIGN.md's rule: the cheapest route still expected to finish before the deadline, with a
+safety margin. A provider batch costs about half; it is chosen when the request's slack exceeds
+the account's expected batch turnaround plus the margin, where the margin is at least the
+hedge threshold (so a batch is never chosen for a request it would have to give up at once).
+Otherwise realtime. A request already
+in a batch is re-routed (hedged) when its remaining slack falls below the realtime estimate
+plus the hedge margin, so it is answered before it misses.
 """
 
 from __future__ import annotations
 
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from routing.models import Endpoint, Prepared, Route
 
@@ -18,6 +22,17 @@ PROVIDER_BY_ENDPOINT: dict[Endpoint, str] = {
     Endpoint.RESPONSES: "openai",
     Endpoint.MESSAGES: "anthropic",
 }
+
+
+class RouteOptions(BaseModel):
+    """What the choice knows besides the request: estimates and margins, in seconds."""
+
+    model_config = {"frozen": True}
+
+    batch_turnaround_s: dict[str, float] = Field(default_factory=dict)
+    margin_s: float = 600.0
+    hedge_margin_s: float = 120.0
+    realtime_estimate_s: float = 30.0
 
 
 class Decision(BaseModel):
@@ -32,15 +47,43 @@ def provider_for(request: Prepared) -> str:
     return PROVIDER_BY_ENDPOINT[request.endpoint]
 
 
-def choose_route(request: Prepared, now: float) -> Decision:
+def choose_route(request: Prepared, now: float, options: RouteOptions | None = None) -> Decision:
+    options = options or RouteOptions()
+    provider = provider_for(request)
     slack_s = request.deadline - now
+    turnaround = options.batch_turnaround_s.get(provider)
+    if turnaround is None:
+        return Decision(
+            route=Route.REALTIME,
+            provider=provider,
+            reason=f"{provider} has no batch route; realtime (slack {slack_s:.0f}s)",
+        )
+    margin = max(options.margin_s, options.realtime_estimate_s + options.hedge_margin_s)
+    needed = turnaround + margin
+    if slack_s > needed:
+        return Decision(
+            route=Route.BATCH,
+            provider=provider,
+            reason=(
+                f"slack {slack_s:.0f}s > batch turnaround {turnaround:.0f}s + margin "
+                f"{margin:.0f}s: provider batch (about half price)"
+            ),
+        )
     return Decision(
         route=Route.REALTIME,
-        provider=provider_for(request),
-        reason=f"realtime is the only route configured (slack {slack_s:.0f}s)",
+        provider=provider,
+        reason=(
+            f"slack {slack_s:.0f}s <= batch turnaround {turnaround:.0f}s + margin "
+            f"{margin:.0f}s: realtime"
+        ),
     )
 
 
+def should_hedge(deadline: float, now: float, options: RouteOptions) -> bool:
+    """A request waiting on a provider batch must leave it now to be answered in time."""
+    return deadline - now < options.realtime_estimate_s + options.hedge_margin_s
+
+
 def group_key(request: Prepared, decision: Decision) -> tuple[str, str, str]:
-    """Requests sharing this key can share a task (and later a provider batch)."""
+    """Requests sharing this key can share a task (and a provider batch)."""
     return (decision.route.value, decision.provider, request.model)

@@ -433,22 +433,31 @@ class LaneStore:
         now: float | None = None,
     ) -> bool:
         """CLAIMED -> RUNNING (renewing the lease) or -> SUBMITTED (``lease_s=None``)."""
+        return self.start_many([claimed], state=state, route=route, lease_s=lease_s, now=now)[0]
+
+    def start_many(
+        self,
+        claimed: Sequence[Claimed],
+        *,
+        state: State,
+        route: Route,
+        lease_s: float | None,
+        now: float | None = None,
+    ) -> list[bool]:
+        """``start`` for many requests in one pipelined round trip."""
         now = time.time() if now is None else now
-        k = self._request_keys(claimed.id)
+        lease = repr(now + lease_s) if lease_s else "0"
         with store_errors(self.url):
-            moved = self._scripts["start"](
-                keys=[k["req"], k["leases"], k["counts"]],
-                args=[
-                    claimed.id,
-                    claimed.token,
-                    state.value,
-                    repr(now + lease_s) if lease_s else "0",
-                    repr(now),
-                    route.value,
-                    *[s.value for s in LEASED],
-                ],
-            )
-        return bool(moved)
+            pipe = self.redis.pipeline(transaction=False)
+            for c in claimed:
+                k = self._request_keys(c.id)
+                self._scripts["start"](
+                    keys=[k["req"], k["leases"], k["counts"]],
+                    args=[c.id, c.token, state.value, lease, repr(now), route.value]
+                    + [s.value for s in LEASED],
+                    client=pipe,
+                )
+            return [bool(x) for x in pipe.execute()] if claimed else []
 
     def finish(
         self,
@@ -460,24 +469,41 @@ class LaneStore:
         now: float | None = None,
     ) -> bool:
         """Store the result and the outcome together. False if the lease was lost meanwhile."""
-        if outcome not in FINISHED:
-            raise ValueError(f"{outcome} is not an outcome")
+        return self.finish_many([(request_id, token, outcome, result)], now=now)[0]
+
+    def finish_many(
+        self, items: Sequence[tuple[str, str, State, dict[str, Any]]], *, now: float | None = None
+    ) -> list[bool]:
+        """``finish`` for many (id, token, outcome, result) in one pipelined round trip."""
         now = time.time() if now is None else now
-        k = self._request_keys(request_id)
+        froms = [s.value for s in (*LEASED, State.SUBMITTED)]
         with store_errors(self.url):
-            done = self._scripts["finish"](
-                keys=[k["req"], k["leases"], k["outbox"], k["finished"], k["counts"], k["notify"]],
-                args=[
-                    request_id,
-                    token,
-                    outcome.value,
-                    _dumps(result),
-                    repr(now),
-                    self.result_ttl_s,
-                    *[s.value for s in (*LEASED, State.SUBMITTED)],
-                ],
-            )
-        return bool(done)
+            pipe = self.redis.pipeline(transaction=False)
+            for request_id, token, outcome, result in items:
+                if outcome not in FINISHED:
+                    raise ValueError(f"{outcome} is not an outcome")
+                k = self._request_keys(request_id)
+                self._scripts["finish"](
+                    keys=[
+                        k["req"],
+                        k["leases"],
+                        k["outbox"],
+                        k["finished"],
+                        k["counts"],
+                        k["notify"],
+                    ],
+                    args=[
+                        request_id,
+                        token,
+                        outcome.value,
+                        _dumps(result),
+                        repr(now),
+                        self.result_ttl_s,
+                        *froms,
+                    ],
+                    client=pipe,
+                )
+            return [bool(x) for x in pipe.execute()] if items else []
 
     def requeue(
         self,
@@ -586,6 +612,19 @@ class LaneStore:
             raise NotFound(request_id)
         return {_s(k): _s(v) for k, v in raw.items()}
 
+    def holders(self, request_ids: Sequence[str]) -> dict[str, tuple[Prepared, State, str]]:
+        """Request, state and lease token of many requests in one round trip (gone ones left out)."""
+        with store_errors(self.url):
+            pipe = self.redis.pipeline(transaction=False)
+            for rid in request_ids:
+                pipe.hmget(self.keys.request(rid), "data", "state", "lease_token")
+            rows = pipe.execute()
+        out: dict[str, tuple[Prepared, State, str]] = {}
+        for rid, (data, state, token) in zip(request_ids, rows, strict=True):
+            if data is not None and state is not None:
+                out[rid] = (Prepared.model_validate_json(data), State(_s(state)), _s(token or b""))
+        return out
+
     def prepared(self, request_id: str) -> Prepared:
         return Prepared.model_validate_json(self._hash(request_id)["data"])
 
@@ -632,6 +671,8 @@ class LaneStore:
             usage=stored.get("usage"),
             route=Route(h["route"]) if h.get("route") else None,
             provider=stored.get("provider"),
+            cost_usd=stored.get("cost_usd"),
+            saved_usd=stored.get("saved_usd"),
             model=data.get("model"),
             endpoint=data.get("endpoint"),
             attempts=int(h.get("attempts", 0)),
@@ -741,16 +782,57 @@ class LaneStore:
         self, request_id: str, *, lease_s: float, now: float | None = None
     ) -> int | None:
         """The delivery attempt number if this worker may deliver now, else None."""
+        return self.claim_deliveries([request_id], lease_s=lease_s, now=now).get(request_id)
+
+    def claim_deliveries(
+        self, request_ids: Sequence[str], *, lease_s: float, now: float | None = None
+    ) -> dict[str, int]:
+        """``claim_delivery`` for many, pipelined: the ids this worker may deliver now."""
         now = time.time() if now is None else now
-        k = self._request_keys(request_id)
         with store_errors(self.url):
-            out = self._scripts["deliver_claim"](
-                keys=[k["req"], k["outbox"]], args=[request_id, repr(now), repr(now + lease_s)]
-            )
-        return int(out[0]) if out else None
+            pipe = self.redis.pipeline(transaction=False)
+            for rid in request_ids:
+                k = self._request_keys(rid)
+                self._scripts["deliver_claim"](
+                    keys=[k["req"], k["outbox"]],
+                    args=[rid, repr(now), repr(now + lease_s)],
+                    client=pipe,
+                )
+            out = pipe.execute() if request_ids else []
+        return {rid: int(r[0]) for rid, r in zip(request_ids, out, strict=True) if r}
 
     def delivered(self, request_id: str, *, now: float | None = None) -> bool:
-        return self._deliver_done(request_id, State.DELIVERED.value, "", now)
+        return self.delivered_many([request_id], now=now)[0]
+
+    def delivered_many(self, request_ids: Sequence[str], *, now: float | None = None) -> list[bool]:
+        now = time.time() if now is None else now
+        with store_errors(self.url):
+            pipe = self.redis.pipeline(transaction=False)
+            for rid in request_ids:
+                k = self._request_keys(rid)
+                self._scripts["deliver_done"](
+                    keys=[k["req"], k["outbox"], k["counts"]],
+                    args=[rid, repr(now), self.result_ttl_s, State.DELIVERED.value, ""],
+                    client=pipe,
+                )
+            return [bool(x) for x in pipe.execute()] if request_ids else []
+
+    def finished_many(self, request_ids: Sequence[str]) -> dict[str, tuple[Prepared, Result]]:
+        """Request and result of many finished requests, one round trip (others left out)."""
+        with store_errors(self.url):
+            pipe = self.redis.pipeline(transaction=False)
+            for rid in request_ids:
+                pipe.hgetall(self.keys.request(rid))
+            rows = pipe.execute() if request_ids else []
+        out: dict[str, tuple[Prepared, Result]] = {}
+        for rid, raw in zip(request_ids, rows, strict=True):
+            h = {_s(k): _s(v) for k, v in raw.items()}
+            if not h:
+                continue
+            res = self._result_from_hash(rid, h)
+            if res is not None:
+                out[rid] = (Prepared.model_validate_json(h["data"]), res)
+        return out
 
     def dead_letter(self, request_id: str, error: ErrorInfo, *, now: float | None = None) -> bool:
         """Give up on delivery: out of the outbox, into the dead-letter list with its last error."""

@@ -10,7 +10,8 @@ from config import app
 from config.settings import get_settings
 from routing.models import Claimed, Route
 from routing.route import choose_route, group_key
-from tasks.common import service_config, store
+from tasks.batch import stage
+from tasks.common import route_options, service_config, store
 from tasks.realtime import realtime
 
 log = logging.getLogger(__name__)
@@ -42,10 +43,12 @@ def aggregate() -> dict[str, int]:
             break
         now = time.time()
         groups: dict[tuple[str, str, str], list[Claimed]] = defaultdict(list)
+        options = route_options()
         for c in claimed:
-            groups[group_key(c.request, choose_route(c.request, now))].append(c)
+            groups[group_key(c.request, choose_route(c.request, now, options))].append(c)
         for (route, provider, model), items in groups.items():
-            if route != Route.REALTIME.value:
+            if route == Route.BATCH.value:
+                stage(items, provider, now)
                 continue
             for chunk in _chunks(items, s.realtime_chunk):
                 realtime.apply_async(

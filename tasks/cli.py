@@ -44,6 +44,7 @@ EXAMPLES = {
     "results": "mixbatch results --out answers.jsonl",
     "lanes": "mixbatch lanes --json",
     "sandbox": "mixbatch sandbox --port 8900 --latency-ms 50 --rate-429 0.05",
+    "costs": "mixbatch costs --json",
 }
 
 
@@ -379,6 +380,40 @@ def lanes(as_json: bool) -> None:
 
 
 @cli.command()
+@click.option("--json", "as_json", is_flag=True)
+@example("costs")
+def costs(as_json: bool) -> None:
+    """Spend by lane, tenant, spend tag and route, priced from the providers' usage with
+    config/prices.toml, and what the batch route saved against synchronous prices."""
+    from tasks.costs import totals
+
+    with _client() as client:
+        data = totals(client.store)
+    if as_json:
+        _print_json(data)
+        return
+    if not data:
+        console.print("no finished requests priced yet")
+        return
+    for group, title in (
+        ("all", "total"),
+        ("route", "by route"),
+        ("lane", "by lane"),
+        ("tenant", "by tenant"),
+        ("tag", "by spend tag"),
+    ):
+        rows = data.get(group)
+        if not rows:
+            continue
+        table = Table(title=title)
+        for col in (group if group != "all" else "", "requests", "cost USD", "saved USD"):
+            table.add_column(col, justify="left" if col in (group, "") else "right")
+        for name, row in sorted(rows.items()):
+            table.add_row(name, f"{row['count']:.0f}", f"{row['cost']:.4f}", f"{row['saved']:.4f}")
+        console.print(table)
+
+
+@cli.command()
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=8900, show_default=True)
 @click.option("--latency-ms", default=0, show_default=True)
@@ -386,6 +421,8 @@ def lanes(as_json: bool) -> None:
 @click.option("--rate-500", default=0.0, show_default=True)
 @click.option("--rate-timeout", default=0.0, show_default=True)
 @click.option("--seed", default=0, show_default=True)
+@click.option("--batch-turnaround-s", default=2.0, show_default=True, help="sandbox s per batch")
+@click.option("--time-scale", default=1.0, show_default=True, help="sandbox s per real second")
 @example("sandbox")
 def sandbox(
     host: str,
@@ -395,10 +432,13 @@ def sandbox(
     rate_500: float,
     rate_timeout: float,
     seed: int,
+    batch_turnaround_s: float,
+    time_scale: float,
 ) -> None:
-    """Serve the SANDBOX provider (OpenAI and Anthropic shapes, fake deterministic answers)
-    on loopback, for running without keys. Point OPENAI_BASE_URL at http://HOST:PORT/v1 and
-    ANTHROPIC_BASE_URL at http://HOST:PORT."""
+    """Serve the SANDBOX provider (OpenAI and Anthropic shapes, fake deterministic answers,
+    synchronous endpoints and both batch protocols) on loopback, for running without keys.
+    More knobs (line failures, expiry, stuck batches) via POST /sandbox/knobs. Point
+    OPENAI_BASE_URL at http://HOST:PORT/v1 and ANTHROPIC_BASE_URL at http://HOST:PORT."""
     from routing.sandbox import Knobs
     from routing.sandbox.server import serve
 
@@ -408,6 +448,8 @@ def sandbox(
         rate_500=rate_500,
         rate_timeout=rate_timeout,
         seed=seed,
+        batch_turnaround_s=batch_turnaround_s,
+        time_scale=time_scale,
     )
     try:
         serve(host, port, knobs)
@@ -415,6 +457,15 @@ def sandbox(
         raise ConfigError(
             f"cannot serve the sandbox on {host}:{port} ({exc.strerror}); pick another --port"
         ) from None
+
+
+def _register() -> None:
+    from tasks.cli_dlq import dlq
+
+    cli.add_command(dlq)
+
+
+_register()
 
 
 def main() -> None:

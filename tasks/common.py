@@ -7,11 +7,14 @@ import threading
 
 from celery import signals
 
-from config.providers import provider_accounts
+from config.providers import batch_turnarounds, capability, check_accounts, provider_account
 from config.settings import get_settings
 from routing.backoff import RetryPolicy
+from routing.batches import BatchRegistry
 from routing.models import ServiceConfig
 from routing.providers import RealtimeAdapter, adapter_for
+from routing.providers.batch import BatchAdapter, batch_adapter_for
+from routing.route import RouteOptions
 from routing.store import LaneStore
 
 _lock = threading.Lock()
@@ -34,14 +37,44 @@ def retry_policy() -> RetryPolicy:
     return RetryPolicy(max_tries=s.realtime_max_tries, base_s=s.retry_base_s, cap_s=s.retry_cap_s)
 
 
+@functools.cache
+def route_options() -> RouteOptions:
+    s = get_settings()
+    return RouteOptions(
+        batch_turnaround_s=batch_turnarounds(s),
+        margin_s=s.batch_margin_s,
+        hedge_margin_s=s.hedge_margin_s,
+        realtime_estimate_s=s.realtime_estimate_s,
+    )
+
+
+@functools.cache
+def registry() -> BatchRegistry:
+    s = get_settings()
+    st = store()
+    return BatchRegistry(st.redis, namespace=s.namespace, url=st.url)
+
+
 _adapters: dict[str, RealtimeAdapter] = {}
+_batch_adapters: dict[str, BatchAdapter] = {}
 
 
 def adapter(provider: str) -> RealtimeAdapter:
     with _lock:
         if provider not in _adapters:
-            _adapters[provider] = adapter_for(provider_accounts(get_settings())[provider])
+            _adapters[provider] = adapter_for(provider_account(get_settings(), provider))
         return _adapters[provider]
+
+
+def batch_adapter(provider: str) -> BatchAdapter:
+    with _lock:
+        if provider not in _batch_adapters:
+            s = get_settings()
+            cap = capability(s, provider)
+            if s.batch_max_lines is not None:
+                cap = cap.model_copy(update={"max_lines": min(cap.max_lines, s.batch_max_lines)})
+            _batch_adapters[provider] = batch_adapter_for(provider_account(s, provider), cap)
+        return _batch_adapters[provider]
 
 
 def reset() -> None:
@@ -49,8 +82,13 @@ def reset() -> None:
     with _lock:
         for a in _adapters.values():
             a.close()
+        for b in _batch_adapters.values():
+            b.close()
         _adapters.clear()
+        _batch_adapters.clear()
     store.cache_clear()
+    registry.cache_clear()
+    route_options.cache_clear()
     service_config.cache_clear()
     retry_policy.cache_clear()
 
@@ -58,7 +96,15 @@ def reset() -> None:
 @signals.worker_process_init.connect
 def _after_fork(**_: object) -> None:
     _adapters.clear()
+    _batch_adapters.clear()
     store.cache_clear()
+    registry.cache_clear()
+
+
+@signals.worker_init.connect
+def _check_accounts(**_: object) -> None:
+    """Refuse to start without the keys of the configured accounts (the error names the variable)."""
+    check_accounts(get_settings())
 
 
 @signals.worker_ready.connect

@@ -15,7 +15,9 @@ from routing.providers import call_with_retries
 from routing.semaphore import RedisSemaphore
 from routing.states import State
 from tasks.common import adapter, retry_policy, store
-from tasks.deliver import deliver
+from tasks.costs import price
+from tasks.costs import record as record_cost
+from tasks.deliver import dispatch
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +71,8 @@ def run_one(provider: str, claimed: Claimed, budget_s: float) -> State | None:
             },
         )
         return State.FAILED if ok else None
+    usage = resp.body.get("usage")
+    cost = price(req, provider, Route.REALTIME, usage if isinstance(usage, dict) else None)
     ok = st.finish(
         claimed.id,
         claimed.token,
@@ -76,12 +80,15 @@ def run_one(provider: str, claimed: Claimed, budget_s: float) -> State | None:
         {
             "status_code": resp.status_code,
             "body": resp.body,
-            "usage": resp.body.get("usage"),
+            "usage": usage,
             "provider": provider,
             "provider_request_id": resp.provider_request_id,
             "latency_s": resp.latency_s,
+            **cost.model_dump(),
         },
     )
+    if ok:
+        record_cost(st, req, Route.REALTIME, cost)
     return State.DONE if ok else None
 
 
@@ -105,9 +112,8 @@ def realtime(provider: str, items: list[list[str]]) -> dict[str, int]:
         return {"done": 0}
     with ThreadPoolExecutor(max_workers=min(len(started), s.realtime_concurrency)) as pool:
         outcomes = list(pool.map(lambda c: run_one(provider, c, budget_s), started))
-    finished = 0
-    for claimed, outcome in zip(started, outcomes, strict=True):
-        if outcome in (State.DONE, State.FAILED):
-            finished += 1
-            deliver.apply_async(args=[claimed.id], argsrepr=f"id={claimed.id}")
-    return {"done": finished}
+    finished = [
+        c.id for c, o in zip(started, outcomes, strict=True) if o in (State.DONE, State.FAILED)
+    ]
+    dispatch(finished)
+    return {"done": len(finished)}

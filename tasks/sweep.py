@@ -10,7 +10,7 @@ from config import app
 from routing.models import ErrorInfo
 from routing.states import State
 from tasks.common import service_config, store
-from tasks.deliver import deliver
+from tasks.deliver import dispatch
 
 log = logging.getLogger(__name__)
 
@@ -44,9 +44,9 @@ def sweep() -> dict[str, int]:
                     rid, State.EXPIRED, DEADLINE_EXPIRED, from_states=(State.QUEUED,), now=now
                 )
                 report["expired"] += int(dropped)
-        for rid in st.due_deliveries(lane.name, now - REDELIVER_GRACE_S):
-            deliver.apply_async(args=[rid], argsrepr=f"id={rid}")
-            report["redelivered"] += 1
+        due = st.due_deliveries(lane.name, now - REDELIVER_GRACE_S)
+        dispatch(due)
+        report["redelivered"] += len(due)
     st.beat(now)
     if any(report.values()):
         log.info("swept", extra=report)

@@ -19,7 +19,7 @@ import redis
 from routing.client import Client
 from routing.embedded import EmbeddedRedis
 from routing.lanes import parse_lanes
-from routing.models import ServiceConfig
+from routing.models import Route, ServiceConfig
 from routing.sandbox import Knobs
 from routing.states import State
 from tasks.demo import answer_ok, demo_workload
@@ -32,6 +32,14 @@ FAST = {
     "MIXBATCH_AGGREGATE_INTERVAL_S": "0.3",
     "MIXBATCH_SWEEP_INTERVAL_S": "1",
     "MIXBATCH_LOG_LEVEL": "WARNING",
+    # The sandbox finishes batches in seconds; the route choice is told so, so standard and bulk
+    # requests take the batch route and urgent ones realtime.
+    "MIXBATCH_BATCH_TURNAROUND_S": '{"openai": 5, "anthropic": 5}',
+    "MIXBATCH_BATCH_MARGIN_S": "60",
+    "MIXBATCH_BATCH_MAX_WAIT_S": "1",
+    "MIXBATCH_BATCH_FLUSH_INTERVAL_S": "0.5",
+    "MIXBATCH_BATCH_POLL_INTERVAL_S": "0.5",
+    "MIXBATCH_BATCH_POLL_MAX_INTERVAL_S": "1",
 }
 _dbs = itertools.count(1)
 
@@ -97,7 +105,14 @@ def payloads(url: str) -> dict[str, dict[str, Any]]:
 
 @pytest.mark.timeout(420)
 def test_thousand_requests_two_workers_delivered_exactly_once(tmp_path: Path, db_url: str) -> None:
-    knobs = Knobs(latency_ms=5, rate_429=0.05, retry_after_s=0.1, rate_500=0.02, seed=3)
+    knobs = Knobs(
+        latency_ms=5,
+        rate_429=0.05,
+        retry_after_s=0.1,
+        rate_500=0.02,
+        seed=3,
+        batch_turnaround_s=1.0,
+    )
     stack = make_stack(tmp_path, db_url, knobs)
     try:
         stack.start_worker("w1", concurrency=2)
@@ -116,6 +131,8 @@ def test_thousand_requests_two_workers_delivered_exactly_once(tmp_path: Path, db
             assert set(counts) == set(by_id)
             assert all(n == 1 for n in counts.values()), {k: n for k, n in counts.items() if n != 1}
             got = payloads(db_url)
+            routes = {client.result(rid, timeout=1).route for rid in by_id}
+            assert routes == {Route.BATCH, Route.REALTIME}
             for rid, item in by_id.items():
                 payload = got[rid]
                 assert payload["custom_id"] == item["custom_id"]

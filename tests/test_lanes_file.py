@@ -46,7 +46,7 @@ def test_a_good_file_with_every_field_and_defaults() -> None:
             priority = 7
             max_queued = 0
             on_deadline = "expire"
-            submit_windows = ["22:00-06:00"]
+            submit_windows = ["0 22 * * *"]
 
             [lanes."night-bulk"]
             deadline = 3600
@@ -62,7 +62,7 @@ def test_a_good_file_with_every_field_and_defaults() -> None:
             priority=7,
             max_queued=0,
             on_deadline="expire",
-            submit_windows=("22:00-06:00",),
+            submit_windows=("0 22 * * *",),
         ),
         LaneSpec(name="night-bulk", deadline_s=3600),
         LaneSpec(name="plain", deadline_s=3600),

@@ -21,6 +21,7 @@ from routing.errors import (
 )
 from routing.keys import Keys, lane_of, new_request_id, ulid
 from routing.models import (
+    CeleryCallback,
     Endpoint,
     LaneSpec,
     Request,
@@ -239,7 +240,7 @@ def test_prepare_keeps_the_rest(config: ServiceConfig) -> None:
     assert (prepared.tenant, prepared.custom_id) == ("acme", "doc-1")
     assert prepared.endpoint is Endpoint.MESSAGES
     assert prepared.metadata == {"team": "search"}
-    assert prepared.callback is not None
+    assert isinstance(prepared.callback, CeleryCallback)
     assert (prepared.callback.task, prepared.callback.queue) == ("app.tasks.save", "results")
 
 

@@ -10,23 +10,53 @@ import httpx
 
 from routing.errors import ConfigError
 from routing.providers.anthropic import AnthropicAdapter
+from routing.providers.anthropic_batch import AnthropicBatchAdapter
 from routing.providers.base import (
     ProviderAccount,
     ProviderResponse,
     RealtimeAdapter,
     call_with_retries,
 )
+from routing.providers.batch import (
+    TERMINAL_BATCH_STATUSES,
+    BatchAdapter,
+    BatchJob,
+    BatchStatus,
+    LineError,
+    LineResult,
+    batch_adapter_for,
+)
+from routing.providers.capabilities import (
+    ProviderCapabilities,
+    account_for,
+    load_providers,
+    parse_providers,
+)
 from routing.providers.openai import OpenAIAdapter
+from routing.providers.openai_batch import OpenAIBatchAdapter
 
 __all__ = [
     "ADAPTERS",
+    "TERMINAL_BATCH_STATUSES",
     "AnthropicAdapter",
+    "AnthropicBatchAdapter",
+    "BatchAdapter",
+    "BatchJob",
+    "BatchStatus",
+    "LineError",
+    "LineResult",
     "OpenAIAdapter",
+    "OpenAIBatchAdapter",
     "ProviderAccount",
+    "ProviderCapabilities",
     "ProviderResponse",
     "RealtimeAdapter",
+    "account_for",
     "adapter_for",
+    "batch_adapter_for",
     "call_with_retries",
+    "load_providers",
+    "parse_providers",
 ]
 
 ADAPTERS: dict[str, type[RealtimeAdapter]] = {

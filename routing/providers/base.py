@@ -1,7 +1,8 @@
 """The seam between mixbatch and a provider's synchronous HTTP API.
 
 A ``RealtimeAdapter`` does I/O and nothing else: one POST per ``call``, every failure mapped
-once, in ``_map_transport_errors`` and ``error_for_response``, onto mixbatch's error tree:
+once, in ``map_transport_errors`` and ``error_for_response``, onto mixbatch's error tree (the
+batch adapters in ``routing.providers.batch`` share both, and the ``retry_call`` loop):
 
     httpx.TimeoutException            -> ProviderTimeout   (retryable)
     httpx.NetworkError, RemoteProtocolError -> ProviderError (retryable)
@@ -29,7 +30,7 @@ import random
 import time
 from collections.abc import Callable, Iterator, Mapping
 from types import TracebackType
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, TypeVar
 
 import httpx
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
@@ -44,8 +45,11 @@ __all__ = [
     "RealtimeAdapter",
     "call_with_retries",
     "error_for_response",
+    "map_transport_errors",
     "rate_limit_headers",
+    "redact_secret",
     "retry_after_from_headers",
+    "retry_call",
 ]
 
 logger = logging.getLogger(__name__)
@@ -54,6 +58,8 @@ RETRYABLE_STATUSES = frozenset({408, 409, 429})
 RATE_LIMIT_PREFIXES = ("x-ratelimit-", "anthropic-ratelimit-")
 RATE_LIMIT_NAMES = frozenset({"retry-after", "retry-after-ms"})
 _MAX_MESSAGE_CHARS = 500
+
+T = TypeVar("T")
 
 
 class ProviderAccount(BaseModel):
@@ -156,11 +162,12 @@ def error_for_response(
     request_id: str | None,
     now: float,
     redact: Callable[[str], str] = lambda s: s,
+    method: str = "POST",
 ) -> ProviderError:
     """Map an HTTP error reply onto the error tree; ``redact`` scrubs secrets from messages."""
     status = response.status_code
     message, body = _provider_message(response)
-    text = redact(f"{provider} POST {path} -> {status}: {message}")
+    text = redact(f"{provider} {method} {path} -> {status}: {message}")
     retryable = status in RETRYABLE_STATUSES or status >= 500
     should_retry = response.headers.get("x-should-retry", "").strip().lower()
     if should_retry in ("true", "false"):
@@ -182,6 +189,37 @@ def error_for_response(
         body=body,
         provider_request_id=request_id,
     )
+
+
+def redact_secret(text: str, key: SecretStr | None) -> str:
+    """Blank the key out of text that came from outside (a provider may echo it back)."""
+    secret = key.get_secret_value() if key else ""
+    return text.replace(secret, "***") if len(secret) >= 4 else text
+
+
+@contextlib.contextmanager
+def map_transport_errors(
+    where: str, timeout_s: float, redact: Callable[[str], str] = lambda s: s
+) -> Iterator[None]:
+    """Translate httpx's transport errors once; nothing below this raises httpx types.
+
+    ``where`` (account, method, path) starts each message. Shared by every adapter, realtime and
+    batch, so one table decides what a broken connection means.
+    """
+    try:
+        yield
+    except httpx.TimeoutException as exc:
+        raise ProviderTimeout(
+            redact(f"{where}: {type(exc).__name__} after {timeout_s:.3g} s"), retryable=True
+        ) from None
+    except (httpx.NetworkError, httpx.RemoteProtocolError) as exc:
+        raise ProviderError(
+            redact(f"{where}: {type(exc).__name__}: {exc}"), retryable=True
+        ) from None
+    except httpx.TransportError as exc:
+        raise ProviderError(
+            redact(f"{where}: {type(exc).__name__}: {exc}"), retryable=False
+        ) from None
 
 
 class RealtimeAdapter:
@@ -288,30 +326,15 @@ class RealtimeAdapter:
             rate_limit=rate_limit_headers(response.headers),
         )
 
-    @contextlib.contextmanager
-    def _map_transport_errors(self, endpoint: Endpoint, timeout_s: float) -> Iterator[None]:
-        """Translate httpx's transport errors once; nothing below this raises httpx types."""
-        where = f"{self.account.name} POST {endpoint.value}"
-        try:
-            yield
-        except httpx.TimeoutException as exc:
-            raise ProviderTimeout(
-                self._redact(f"{where}: {type(exc).__name__} after {timeout_s:.3g} s"),
-                retryable=True,
-            ) from None
-        except (httpx.NetworkError, httpx.RemoteProtocolError) as exc:
-            raise ProviderError(
-                self._redact(f"{where}: {type(exc).__name__}: {exc}"), retryable=True
-            ) from None
-        except httpx.TransportError as exc:
-            raise ProviderError(
-                self._redact(f"{where}: {type(exc).__name__}: {exc}"), retryable=False
-            ) from None
+    def _map_transport_errors(
+        self, endpoint: Endpoint, timeout_s: float
+    ) -> contextlib.AbstractContextManager[None]:
+        return map_transport_errors(
+            f"{self.account.name} POST {endpoint.value}", timeout_s, self._redact
+        )
 
     def _redact(self, text: str) -> str:
-        """Blank the key out of text that came from outside (a provider may echo it back)."""
-        key = self.account.api_key.get_secret_value() if self.account.api_key else ""
-        return text.replace(key, "***") if len(key) >= 4 else text
+        return redact_secret(text, self.account.api_key)
 
     def close(self) -> None:
         if self._owns_client:
@@ -347,6 +370,41 @@ def call_with_retries(
     instead, with a note saying why, so the caller (the lane's requeue) still sees
     ``retryable`` and ``retry_after_s``.
     """
+    return retry_call(
+        lambda timeout_s: adapter.call(endpoint, body, timeout_s=timeout_s),
+        provider=adapter.account.name,
+        where=f"{adapter.account.name} POST {endpoint}",
+        endpoint=str(endpoint),
+        timeout_s=adapter.account.timeout_s,
+        policy=policy,
+        budget_s=budget_s,
+        sleep=sleep,
+        clock=clock,
+        rng=rng,
+    )
+
+
+def retry_call(
+    attempt_once: Callable[[float], T],
+    *,
+    provider: str,
+    where: str,
+    endpoint: str,
+    timeout_s: float,
+    policy: RetryPolicy,
+    budget_s: float,
+    sleep: Callable[[float], None] = time.sleep,
+    clock: Callable[[], float] = time.monotonic,
+    rng: random.Random | None = None,
+    may_retry: Callable[[ProviderError], bool] | None = None,
+) -> T:
+    """The retry loop behind every provider verb: ``attempt_once(timeout_s)`` per try.
+
+    The loop of ``call_with_retries``, for any request shape (batch uploads, polls, downloads).
+    ``where`` ("account METHOD path") starts messages and logs. ``may_retry`` vetoes a retry the
+    policy would allow, for steps that are not idempotent: a create whose reply was lost may have
+    created something, so trying again could do it twice.
+    """
     deadline = clock() + budget_s
     attempt = 0
     last: ProviderError | None = None
@@ -358,14 +416,18 @@ def call_with_retries(
                 last.add_note(f"mixbatch: gave up after {attempt - 1} tries; budget spent")
                 raise last
             raise ProviderTimeout(
-                f"{adapter.account.name} POST {endpoint}: a budget of {budget_s:g} s "
-                f"leaves no time for try {attempt}",
+                f"{where}: a budget of {budget_s:g} s leaves no time for try {attempt}",
                 retryable=True,
             )
         try:
-            return adapter.call(endpoint, body, timeout_s=min(adapter.account.timeout_s, left))
+            return attempt_once(min(timeout_s, left))
         except ProviderError as exc:
             delay = next_delay_s(exc, attempt, policy, rng)
+            if delay is not None and may_retry is not None and not may_retry(exc):
+                exc.add_note(
+                    f"mixbatch: not retried after try {attempt}: the step is not idempotent"
+                )
+                raise
             if delay is None:
                 if exc.retryable:
                     exc.add_note(f"mixbatch: gave up after {attempt} tries (max_tries)")
@@ -378,16 +440,15 @@ def call_with_retries(
                 raise
             last = exc
             logger.warning(
-                "%s POST %s failed on try %d (%s %s), retrying in %.2f s",
-                adapter.account.name,
-                endpoint,
+                "%s failed on try %d (%s %s), retrying in %.2f s",
+                where,
                 attempt,
                 type(exc).__name__,
                 exc.status_code,
                 delay,
                 extra={
-                    "provider": adapter.account.name,
-                    "endpoint": str(endpoint),
+                    "provider": provider,
+                    "endpoint": endpoint,
                     "provider_request_id": exc.provider_request_id,
                     "status_code": exc.status_code,
                     "error_type": type(exc).__name__,

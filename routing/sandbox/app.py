@@ -252,8 +252,14 @@ def admin_routes() -> list[BaseRoute]:
 
 
 def default_routes() -> list[BaseRoute]:
-    """Every route the sandbox serves; new protocols append theirs here."""
-    return [*admin_routes(), *sync_routes()]
+    """Every route the sandbox serves; new protocols append theirs here.
+
+    The batch module builds its routes with :func:`provider_route`, so it is imported here, when
+    the routes are built, rather than at the top where it would import this module half-done.
+    """
+    from routing.sandbox.batch import batch_routes
+
+    return [*admin_routes(), *sync_routes(), *batch_routes()]
 
 
 class SandboxLabelMiddleware:

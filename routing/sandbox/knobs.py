@@ -13,7 +13,10 @@ class Knobs(BaseModel):
     """How badly the sandbox behaves; one live object, read again on every call.
 
     Units are in the field names. Probabilities are drawn from ``random.Random(seed)``, one draw
-    per provider call, so the same sequence of calls meets the same faults in every run.
+    per provider call, so the same sequence of calls meets the same faults in every run. The
+    ``batch_*`` knobs are read when a batch is created (or cancelled) and fixed into its plan, so
+    changing them never rewrites a batch already running; ``batch_line_fail_rate`` is a hash of
+    the seed and the line's ``custom_id``, not a draw (see ``routing.sandbox.batch_plan``).
     """
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
@@ -32,4 +35,39 @@ class Knobs(BaseModel):
     )
     fail_first_status: int = Field(
         default=429, ge=400, le=599, description="HTTP status of the fail_first failures"
+    )
+    time_scale: float = Field(
+        default=1.0,
+        gt=0.0,
+        description="sandbox seconds per real second; batch timestamps and timelines use it",
+    )
+    batch_turnaround_s: float = Field(
+        default=2.0, ge=0.0, description="sandbox seconds from a batch's creation to its end"
+    )
+    batch_validating_s: float = Field(
+        default=0.2, ge=0.0, description="sandbox seconds an OpenAI batch spends validating"
+    )
+    batch_cancelling_s: float = Field(
+        default=0.2, ge=0.0, description="sandbox seconds a batch spends cancelling"
+    )
+    batch_line_fail_rate: float = Field(
+        default=0.0,
+        ge=0.0,
+        le=1.0,
+        description="share of batch lines that fail: half 400 (permanent), half 500 (transient)",
+    )
+    batch_expire: bool = Field(
+        default=False, description="batches expire at 24 h sandbox time instead of finishing"
+    )
+    batch_expire_done_fraction: float = Field(
+        default=0.5, ge=0.0, le=1.0, description="share of an expiring batch's lines that ran"
+    )
+    batch_stuck_finalizing: bool = Field(
+        default=False, description="batches reach finalizing (Anthropic: all done) and stay there"
+    )
+    batch_rate_429: float = Field(
+        default=0.0,
+        ge=0.0,
+        le=1.0,
+        description="probability of a 429 on batch create and file upload",
     )

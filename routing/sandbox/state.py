@@ -17,6 +17,8 @@ from collections import Counter
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from routing.sandbox.batch_plan import SandboxClock
+from routing.sandbox.batch_store import BatchStore
 from routing.sandbox.knobs import Knobs
 
 TIMEOUT = "timeout"
@@ -58,7 +60,12 @@ def body_key(endpoint: str, body: object) -> str:
 
 
 class SandboxState:
-    """Knobs, per-endpoint call counts, injected faults and the seeded fault generator."""
+    """Knobs, per-endpoint call counts, injected faults and the seeded fault generator.
+
+    Also the batch protocols' files and batches, and the sandbox clock they run on. Batch 429s
+    draw from a generator of their own, so turning ``batch_rate_429`` on does not shift the
+    fault sequence the synchronous endpoints see.
+    """
 
     def __init__(self, knobs: Knobs | None = None) -> None:
         self.knobs = knobs if knobs is not None else Knobs()
@@ -69,6 +76,10 @@ class SandboxState:
         self._seen: Counter[str] = Counter()
         self._rng = random.Random(self.knobs.seed)
         self._rng_seed = self.knobs.seed
+        self._batch_rng = random.Random(f"batch-429:{self.knobs.seed}")
+        self._batch_rng_seed = self.knobs.seed
+        self.clock = SandboxClock(lambda: self.knobs.time_scale)
+        self.batches = BatchStore()
 
     def record_call(self, endpoint: str) -> None:
         with self._lock:
@@ -126,6 +137,17 @@ class SandboxState:
                 self._faults[chosen] += 1
         return chosen
 
+    def choose_batch_429(self) -> bool:
+        """Whether this batch create or file upload gets a 429 (knob ``batch_rate_429``)."""
+        with self._lock:
+            if self.knobs.seed != self._batch_rng_seed:
+                self._batch_rng = random.Random(f"batch-429:{self.knobs.seed}")
+                self._batch_rng_seed = self.knobs.seed
+            limited = self._batch_rng.random() < self.knobs.batch_rate_429
+            if limited:
+                self._faults["429"] += 1
+        return limited
+
     async def pause(self, seconds: float) -> None:
         """Sleep without blocking other requests, cut short when the server is stopping."""
         deadline = time.monotonic() + seconds
@@ -136,13 +158,18 @@ class SandboxState:
             await asyncio.sleep(min(left, _PAUSE_STEP_S))
 
     def update_knobs(self, changes: Mapping[str, Any]) -> Knobs:
-        """Apply a partial update atomically: all fields valid, or nothing changes."""
+        """Apply a partial update atomically: all fields valid, or nothing changes.
+
+        The clock is read first, so sandbox time elapsed so far counts at the old ``time_scale``.
+        """
         merged = Knobs.model_validate({**self.knobs.model_dump(), **changes})
+        self.clock.now()
         for name in changes:
             setattr(self.knobs, name, getattr(merged, name))
         return self.knobs
 
     def stats(self) -> dict[str, Any]:
+        batches = self.batches.stats(self.clock.now())
         with self._lock:
             return {
                 "sandbox": True,
@@ -151,13 +178,20 @@ class SandboxState:
                 "faults_total": sum(self._faults.values()),
                 "faults_by_kind": dict(self._faults),
                 "distinct_bodies": len(self._seen),
+                "batches": batches,
             }
 
     def reset(self) -> None:
-        """Forget counters and fail-first history and restart the fault sequence from the seed."""
+        """Forget counters, fail-first history, files and batches; restart the fault sequences.
+
+        The sandbox clock keeps running: sandbox time never goes backwards.
+        """
         with self._lock:
             self._calls.clear()
             self._faults.clear()
             self._seen.clear()
             self._rng = random.Random(self.knobs.seed)
             self._rng_seed = self.knobs.seed
+            self._batch_rng = random.Random(f"batch-429:{self.knobs.seed}")
+            self._batch_rng_seed = self.knobs.seed
+        self.batches.reset()
