@@ -425,6 +425,7 @@ class _Finishes:
         self.provider = provider
         self.items: list[tuple[str, str, State, dict[str, Any]]] = []
         self.priced: list[tuple[Prepared, Cost] | None] = []
+        self.requests: list[Prepared | None] = []
 
     def __len__(self) -> int:
         return len(self.items)
@@ -435,27 +436,35 @@ class _Finishes:
         outcome: State,
         result: dict[str, Any],
         priced: tuple[Prepared, Cost] | None,
+        request: Prepared | None,
     ) -> None:
         self.items.append((m.id, m.token, outcome, result))
         self.priced.append(priced)
+        self.requests.append(request)
 
     def flush(self, counts: dict[str, int]) -> None:
         if not self.items:
             return
         st = store()
         won = st.finish_many(self.items)
-        finished: list[str] = []
+        to_sink: list[str] = []
+        stored_only: list[str] = []
         ledger: list[tuple[Prepared, Route, Cost]] = []
-        for (rid, _, outcome, _), priced, ok in zip(self.items, self.priced, won, strict=True):
+        rows = zip(self.items, self.priced, self.requests, won, strict=True)
+        for (rid, _, outcome, _), priced, request, ok in rows:
             if not ok:
                 continue
-            finished.append(rid)
             counts["done" if outcome is State.DONE else "failed"] += 1
+            if request is not None and request.callback is None:
+                stored_only.append(rid)
+            else:
+                to_sink.append(rid)
             if priced is not None:
                 ledger.append((priced[0], Route.BATCH, priced[1]))
         record_costs(st, ledger)
-        dispatch(finished)
-        self.items, self.priced = [], []
+        st.delivered_many(stored_only)
+        dispatch(to_sink)
+        self.items, self.priced, self.requests = [], [], []
 
 
 def _apply(
@@ -483,7 +492,7 @@ def _apply(
             )
             result.update(cost.model_dump())
             priced = (request, cost)
-        pending.add(m, State.DONE, result, priced)
+        pending.add(m, State.DONE, result, priced, request)
         return
     error = line.error or ErrorInfo(code="unknown", message="no answer")
     if error.retryable or error.code in ("expired", "cancelled"):
@@ -496,7 +505,7 @@ def _apply(
         "error": error.model_dump(),
         "provider": record.provider,
     }
-    pending.add(m, State.FAILED, result, None)
+    pending.add(m, State.FAILED, result, None, request)
 
 
 def _collect_validation(record: BatchRecord, job: BatchJob, counts: dict[str, int]) -> None:

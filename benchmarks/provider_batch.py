@@ -1,0 +1,129 @@
+"""Provider batch route, end to end: N requests from submit to delivered through the sandbox.
+
+Part (b) of the provider-batch benchmark (part (a), planning and JSONL building, is
+``benchmarks/provider_batch_plan.py``). Everything is real: an embedded Redis, the sandbox
+provider over loopback HTTP with instant batch turnaround, Celery workers and beat as
+subprocesses. The clock runs from the first ``submit_many`` call until every request is
+DELIVERED; requests carry no callback, so delivery is the built-in result store.
+
+    .venv/bin/python benchmarks/provider_batch.py --n 100000
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from routing.client import Client
+from routing.lanes import parse_lanes
+from routing.models import ServiceConfig
+from routing.sandbox import Knobs
+from tasks.stack import LocalStack
+
+ROOT = Path(__file__).resolve().parent.parent
+
+ENV = {
+    "MIXBATCH_LOG_LEVEL": "WARNING",
+    "MIXBATCH_AGGREGATE_INTERVAL_S": "0.3",
+    "MIXBATCH_CLAIM_BATCH": "5000",
+    "MIXBATCH_BATCH_TURNAROUND_S": '{"openai": 5, "anthropic": 5}',
+    "MIXBATCH_BATCH_MARGIN_S": "60",
+    "MIXBATCH_BATCH_MAX_WAIT_S": "1",
+    "MIXBATCH_BATCH_FLUSH_INTERVAL_S": "0.5",
+    "MIXBATCH_BATCH_POLL_INTERVAL_S": "0.5",
+    "MIXBATCH_BATCH_POLL_MAX_INTERVAL_S": "1",
+    "MIXBATCH_SWEEP_INTERVAL_S": "5",
+}
+
+
+def workload(n: int) -> list[dict[str, Any]]:
+    """Bulk chat requests, each distinct (no dedupe shortcut), about 300 bytes of body."""
+    return [
+        {
+            "custom_id": f"bench-{i}",
+            "lane": "bulk",
+            "endpoint": "/v1/chat/completions",
+            "body": {
+                "model": "gpt-4o-mini",
+                "max_tokens": 16,
+                "messages": [
+                    {"role": "user", "content": f"Classify ticket #{i}: the printer is on fire."}
+                ],
+            },
+        }
+        for i in range(n)
+    ]
+
+
+def delivered(client: Client) -> int:
+    return client.store.lane_stats("bulk").counts.get("delivered", 0)
+
+
+def run(n: int, workers: int, concurrency: int, timeout_s: float) -> dict[str, Any]:
+    config = ServiceConfig(lanes=parse_lanes((ROOT / "config" / "lanes.toml").read_text()))
+    items = workload(n)
+    with tempfile.TemporaryDirectory(prefix="mixbatch-bench-") as tmp:
+        stack = LocalStack(
+            Path(tmp),
+            namespace="bench",
+            knobs=Knobs(batch_turnaround_s=0.0, batch_validating_s=0.0),
+            env=ENV,
+        )
+        with stack:
+            stack.publish(config)
+            names = [f"w{i}" for i in range(workers)]
+            for name in names:
+                stack.start_worker(name, concurrency=concurrency)
+            stack.start_beat()
+            stack.wait_workers(names)
+            with Client(stack.url, namespace="bench", config=config) as client:
+                start = time.perf_counter()
+                client.submit_many(items, chunk_size=5000)
+                submitted = time.perf_counter() - start
+                end = time.monotonic() + timeout_s
+                done = 0
+                while time.monotonic() < end:
+                    done = delivered(client)
+                    if done >= n:
+                        break
+                    time.sleep(0.2)
+                elapsed = time.perf_counter() - start
+                batches = stack.sandbox.stats()["batches"]["created"]
+    return {
+        "n": n,
+        "delivered": done,
+        "workers": workers,
+        "concurrency": concurrency,
+        "submit_s": round(submitted, 2),
+        "total_s": round(elapsed, 2),
+        "requests_per_s": round(done / elapsed),
+        "provider_batches": batches,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--n", type=int, default=100_000)
+    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--concurrency", type=int, default=2)
+    parser.add_argument("--timeout", type=float, default=600.0)
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    result = run(args.n, args.workers, args.concurrency, args.timeout)
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return
+    print("| requests | delivered | submit s | submit to delivered s | req/s | provider batches |")
+    print("|---:|---:|---:|---:|---:|---|")
+    print(
+        f"| {result['n']:,} | {result['delivered']:,} | {result['submit_s']} | {result['total_s']} "
+        f"| {result['requests_per_s']:,} | {result['provider_batches']} |"
+    )
+
+
+if __name__ == "__main__":
+    main()
