@@ -10,8 +10,11 @@ $(BIN)/python:
 	$(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 
+# torch==2.13.0 first, in its own call: that pin takes the CPU wheel on this disk, where any
+# other spec (or letting a dependency pull torch in) would download a multi-GB CUDA build.
 $(STAMP): pyproject.toml | $(BIN)/python
-	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[dev,gpu]'
 	touch $@
 
 demo: $(STAMP)

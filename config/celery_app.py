@@ -15,6 +15,7 @@ app = Celery(
         "tasks.aggregate",
         "tasks.realtime",
         "tasks.batch",
+        "tasks.gpu",
         "tasks.deliver",
         "tasks.sweep",
         "tasks.enqueue",

@@ -48,6 +48,7 @@ task_routes = {
     "mixbatch.realtime": {"queue": REALTIME_QUEUE},
     "mixbatch.deliver": {"queue": DELIVER_QUEUE},
     "mixbatch.deliver_many": {"queue": DELIVER_QUEUE},
+    "mixbatch.gpu_batch": {"queue": GPU_QUEUE},
     "mixbatch.batch_flush": {"queue": CONTROL_QUEUE},
     "mixbatch.batch_submit": {"queue": BATCH_QUEUE},
     "mixbatch.batch_poll": {"queue": BATCH_QUEUE},

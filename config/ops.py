@@ -39,6 +39,7 @@ __all__ = [
     "check_port",
     "get_ops_settings",
     "is_loopback",
+    "load_ops_settings",
     "redbeat_config",
     "reset_ops_settings",
 ]
@@ -81,9 +82,8 @@ class OpsSettings(BaseSettings):
         return v
 
 
-@functools.cache
-def get_ops_settings() -> OpsSettings:
-    """The process's operations settings; a bad variable is a ``ConfigError`` naming it."""
+def load_ops_settings() -> OpsSettings:
+    """Read the environment now; a bad variable is a ``ConfigError`` naming it (never a secret)."""
     try:
         return OpsSettings()
     except ValidationError as exc:
@@ -91,6 +91,12 @@ def get_ops_settings() -> OpsSettings:
         name = "MIXBATCH_" + ".".join(str(p) for p in first["loc"]).upper()
         shown = "" if "auth" in name.lower() else f" (got {first.get('input')!r})"
         raise ConfigError(f"{name}: {first['msg']}{shown}") from None
+
+
+@functools.cache
+def get_ops_settings() -> OpsSettings:
+    """The process's operations settings, read once."""
+    return load_ops_settings()
 
 
 def reset_ops_settings() -> None:
@@ -132,7 +138,9 @@ def check_port(address: str, port: int, variable: str) -> None:
         ) from None
 
 
-def redbeat_config(broker_url: str, namespace: str, ops: OpsSettings | None = None) -> dict[str, Any]:
+def redbeat_config(
+    broker_url: str, namespace: str, ops: OpsSettings | None = None
+) -> dict[str, Any]:
     """Celery settings that make beat use RedBeat, or nothing for the default file scheduler.
 
     RedBeat keeps the schedule and a lock in Redis: a second beat process blocks on the lock

@@ -87,6 +87,11 @@ class Settings(BaseSettings):
         default=False, description="delete provider files after collection"
     )
 
+    gpu_models_file: Path = Field(
+        default=Path(__file__).with_name("models.toml"), description="local models table"
+    )
+    gpu_chunk: int = Field(default=64, gt=0, description="requests per gpu_batch message")
+
     delivery_max_attempts: int = Field(default=8, ge=1)
     delivery_lease_s: float = Field(default=60.0, gt=0)
 

@@ -33,6 +33,8 @@ class RouteOptions(BaseModel):
     margin_s: float = 600.0
     hedge_margin_s: float = 120.0
     realtime_estimate_s: float = 30.0
+    #: models our own GPU worker serves (config/models.toml, aliases included)
+    local_models: frozenset[str] = frozenset()
 
 
 class Decision(BaseModel):
@@ -49,6 +51,12 @@ def provider_for(request: Prepared) -> str:
 
 def choose_route(request: Prepared, now: float, options: RouteOptions | None = None) -> Decision:
     options = options or RouteOptions()
+    if request.model in options.local_models:
+        return Decision(
+            route=Route.GPU,
+            provider="local",
+            reason=f"{request.model} is served by our own GPU worker (no per-token bill)",
+        )
     provider = provider_for(request)
     slack_s = request.deadline - now
     turnaround = options.batch_turnaround_s.get(provider)

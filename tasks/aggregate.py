@@ -12,6 +12,7 @@ from routing.models import Claimed, Route
 from routing.route import choose_route, group_key
 from tasks.batch import stage
 from tasks.common import route_options, service_config, store
+from tasks.gpu import gpu_batch
 from tasks.realtime import realtime
 
 log = logging.getLogger(__name__)
@@ -49,6 +50,14 @@ def aggregate() -> dict[str, int]:
         for (route, provider, model), items in groups.items():
             if route == Route.BATCH.value:
                 stage(items, provider, now)
+                continue
+            if route == Route.GPU.value:
+                for chunk in _chunks(items, s.gpu_chunk):
+                    gpu_batch.apply_async(
+                        args=[[[c.id, c.token] for c in chunk]],
+                        priority=min(rank[c.request.lane] for c in chunk),
+                        argsrepr=f"model={model} n={len(chunk)} first={chunk[0].id}",
+                    )
                 continue
             for chunk in _chunks(items, s.realtime_chunk):
                 realtime.apply_async(

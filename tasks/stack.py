@@ -20,7 +20,7 @@ from typing import IO, Any
 
 import redis
 
-from config.queues import SERVICE_QUEUES
+from config.queues import GPU_QUEUE, SERVICE_QUEUES
 from routing.embedded import EmbeddedRedis
 from routing.errors import ConfigError
 from routing.models import ServiceConfig
@@ -143,13 +143,18 @@ class LocalStack:
         app: str = "config",
         loglevel: str = "WARNING",
         cwd: Path | None = None,
+        pool: str = "prefork",
     ) -> subprocess.Popen[bytes]:
         argv = [
             sys.executable, "-m", "celery", "-A", app, "worker",
-            "-Q", ",".join(queues), "-c", str(concurrency), "-n", f"{name}@%h",
-            "--without-gossip", "--without-mingle", "-l", loglevel,
+            "-Q", ",".join(queues), "-c", str(concurrency), "-n", f"{name}@%h", "-P", pool,
+            "--prefetch-multiplier", "1", "--without-gossip", "--without-mingle", "-l", loglevel,
         ]  # fmt: skip
         return self._spawn(name, argv, cwd)
+
+    def start_gpu_worker(self, name: str = "gpu") -> subprocess.Popen[bytes]:
+        """The local route's worker: the gpu queue, solo pool, one message at a time."""
+        return self.start_worker(name, queues=[GPU_QUEUE], concurrency=1, pool="solo")
 
     def start_beat(self, *, loglevel: str = "WARNING") -> subprocess.Popen[bytes]:
         schedule = self.data_dir / "celerybeat-schedule"
