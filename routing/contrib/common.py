@@ -1,0 +1,157 @@
+"""What the Django and Flask integrations share besides answers: settings and requests.
+
+Both read the same six settings (Django from ``settings.MIXBATCH["REDIS_URL"]``, Flask from
+``app.config["MIXBATCH_REDIS_URL"]``), build requests the same way and hand back the same
+``PendingRequest``, so the two pages of documentation describe one behaviour.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
+from datetime import datetime, timedelta
+from typing import Any
+
+from routing.client import Client
+from routing.contrib.answers import Target
+from routing.models import Ticket
+
+__all__ = [
+    "BOOKKEEPING_FIELDS",
+    "DEFAULT_CALLBACK_QUEUE",
+    "SETTING_NAMES",
+    "IntegrationSettings",
+    "PendingRequest",
+    "build_request",
+    "request_digest",
+    "settings_from",
+]
+
+DEFAULT_CALLBACK_QUEUE = "mixbatch.callbacks"
+#: The settings, by their Django key (Flask prefixes each with ``MIXBATCH_``).
+SETTING_NAMES = ("REDIS_URL", "NAMESPACE", "TENANT", "LANE", "CALLBACK_TASK", "CALLBACK_QUEUE")
+#: Optional fields (Django) or columns (Flask) the default writers fill when a row has them:
+#: the outcome (done, failed, expired, cancelled), the request id, and a failure's message.
+BOOKKEEPING_FIELDS = ("mixbatch_status", "mixbatch_request_id", "mixbatch_error")
+
+Deadline = datetime | float | str | timedelta
+
+
+@dataclass(frozen=True)
+class IntegrationSettings:
+    """Resolved settings. ``redis_url`` None means the client's own default
+    (``MIXBATCH_REDIS_URL``, else the embedded Redis ``mixbatch up`` started in this directory).
+    """
+
+    redis_url: str | None
+    namespace: str
+    tenant: str
+    lane: str
+    callback_task: str
+    callback_queue: str
+
+    def callback(self, task: str | None = None, queue: str | None = None) -> dict[str, str]:
+        """The request's callback: the ready task, or ``task``, on the app's callback queue."""
+        return {
+            "kind": "celery",
+            "task": task or self.callback_task,
+            "queue": queue or self.callback_queue,
+        }
+
+    def client(self) -> Client:
+        return Client(self.redis_url, namespace=self.namespace, tenant=self.tenant)
+
+
+def settings_from(
+    values: Mapping[str, Any], *, default_task: str, where: Callable[[str], str]
+) -> IntegrationSettings:
+    """Settings from ``values`` keyed by ``SETTING_NAMES``; None or "" means the default.
+
+    ``REDIS_URL`` and ``NAMESPACE`` default to the variables the service itself reads, so one
+    environment configures both sides. ``where(name)`` spells a key for error messages.
+    """
+
+    def get(name: str, default: str | None) -> str | None:
+        value = values.get(name)
+        if value is None or value == "":
+            return default
+        if not isinstance(value, str):
+            raise TypeError(f"{where(name)} must be a string, not {value!r}")
+        return value
+
+    return IntegrationSettings(
+        redis_url=get("REDIS_URL", os.environ.get("MIXBATCH_REDIS_URL") or None),
+        namespace=get("NAMESPACE", os.environ.get("MIXBATCH_NAMESPACE") or None) or "mb",
+        tenant=get("TENANT", None) or "default",
+        lane=get("LANE", None) or "standard",
+        callback_task=get("CALLBACK_TASK", None) or default_task,
+        callback_queue=get("CALLBACK_QUEUE", None) or DEFAULT_CALLBACK_QUEUE,
+    )
+
+
+@dataclass
+class PendingRequest:
+    """What ``enqueue`` returns: the request's custom_id now, its ticket once committed.
+
+    ``ticket`` stays None until the transaction commits, and for good if it rolls back.
+    """
+
+    custom_id: str
+    ticket: Ticket | None = None
+
+    @property
+    def submitted(self) -> bool:
+        return self.ticket is not None
+
+    @property
+    def id(self) -> str | None:
+        """mixbatch's request id, once submitted."""
+        return self.ticket.id if self.ticket else None
+
+
+def request_digest(endpoint: str, model: str | None, body: Mapping[str, Any]) -> str:
+    """16 hex digits of SHA-256 over what is asked: the default ``key`` of a target.
+
+    With it in the custom_id, asking again for the same row with the same body is the same
+    request (a retried web request costs nothing twice), while a changed body (the row's text
+    was edited) is a new one, and so is a row that reuses a primary key after the database
+    was recreated, unless it also asks exactly the same thing.
+    """
+    canonical = json.dumps(
+        [endpoint, model, body], sort_keys=True, separators=(",", ":"), default=str
+    )
+    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+def build_request(
+    settings: IntegrationSettings,
+    target: Target,
+    *,
+    endpoint: str,
+    body: Mapping[str, Any],
+    model: str | None = None,
+    lane: str | None = None,
+    deadline: Deadline | None = None,
+    metadata: Mapping[str, str] | None = None,
+    max_attempts: int | None = None,
+    task: str | None = None,
+    queue: str | None = None,
+) -> dict[str, Any]:
+    """The request dict ``Client.submit`` takes, naming ``target`` in its custom_id; a target
+    without a ``key`` gets ``request_digest`` of the endpoint, model and body."""
+    if target.key is None:
+        target = replace(target, key=request_digest(endpoint, model, body))
+    request: dict[str, Any] = {
+        "custom_id": target.custom_id,
+        "endpoint": endpoint,
+        "body": dict(body),
+        "lane": lane or settings.lane,
+        "callback": settings.callback(task, queue),
+        "metadata": dict(metadata or {}),
+    }
+    optional = {"model": model, "deadline": deadline, "max_attempts": max_attempts}
+    request.update({k: v for k, v in optional.items() if v is not None})
+    return request
