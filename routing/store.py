@@ -530,6 +530,7 @@ class LaneStore:
                     repr(ready_at or now),
                     error.model_dump_json(),
                     State.QUEUED.value,
+                    State.CLAIMED.value,
                     *[s.value for s in (*LEASED, State.SUBMITTED)],
                 ],
             )

@@ -436,7 +436,8 @@ def test_a_late_answer_after_the_sweeper_requeued_does_not_count(
     assert store.expired_leases("standard", now + 11) == [ticket.id]
     assert store.requeue(ticket.id, "*", BOOM, now=now + 11) is State.QUEUED
     status = store.status(ticket.id)
-    assert (status.state, status.attempts, status.error) == (State.QUEUED, 1, BOOM)
+    # It never started (still CLAIMED): the attempt is given back, not counted.
+    assert (status.state, status.attempts, status.error) == (State.QUEUED, 0, BOOM)
 
     # The old worker wakes up and answers: refused at every step.
     assert not store.finish(ticket.id, old.token, State.DONE, {"body": {"late": 1}}, now=now + 12)
@@ -446,12 +447,12 @@ def test_a_late_answer_after_the_sweeper_requeued_does_not_count(
     assert state_of(store, ticket.id) is State.QUEUED
 
     new = claim_one(store, "standard", now + 13)
-    assert (new.id, new.attempts) == (ticket.id, 2)
+    assert (new.id, new.attempts) == (ticket.id, 1)
     assert new.token != old.token
     assert not store.finish(ticket.id, old.token, State.DONE, {"body": {"late": 1}}, now=now + 14)
     assert store.finish(ticket.id, new.token, State.DONE, {"body": {"new": 1}}, now=now + 14)
     result = store.result(ticket.id)
-    assert result is not None and result.body == {"new": 1} and result.attempts == 2
+    assert result is not None and result.body == {"new": 1} and result.attempts == 1
     check_counts(store)
 
 
@@ -525,9 +526,15 @@ def test_requeue_by_the_sweeper_after_the_last_attempt_fails_it(
     store: LaneStore, service_config: ServiceConfig, now: float
 ) -> None:
     ticket = submit(store, service_config, now, max_attempts=1)
-    claim_one(store, "standard", now, lease_s=5)
+    claimed = claim_one(store, "standard", now, lease_s=5)
     lost = ErrorInfo(code="lease_expired", message="worker lost", retryable=True)
-    assert store.requeue(ticket.id, "*", lost, now=now + 6) is State.FAILED
+    # Expired while still CLAIMED (never started): back in the lane, the attempt given back.
+    assert store.requeue(ticket.id, "*", lost, now=now + 6) is State.QUEUED
+    claimed = claim_one(store, "standard", now + 7, lease_s=5)
+    assert claimed.attempts == 1
+    # Expired while RUNNING (the worker died mid-work): the attempt counts, and was the last.
+    assert store.start(claimed, state=State.RUNNING, route=Route.REALTIME, lease_s=5, now=now + 7)
+    assert store.requeue(ticket.id, "*", lost, now=now + 13) is State.FAILED
     status = store.status(ticket.id)
     assert status.state is State.FAILED
     assert status.error is not None and "gave up after 1 attempts" in status.error.message
