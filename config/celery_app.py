@@ -11,6 +11,7 @@ from config.settings import get_settings
 
 app = Celery(
     "mixbatch",
+    task_cls="config.redaction:MixbatchTask",
     include=[
         "tasks.aggregate",
         "tasks.realtime",
@@ -19,6 +20,7 @@ app = Celery(
         "tasks.deliver",
         "tasks.sweep",
         "tasks.enqueue",
+        "tasks.metrics",
     ],
 )
 app.config_from_object("config.celeryconfig")

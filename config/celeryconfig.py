@@ -6,6 +6,7 @@ from datetime import timedelta
 
 from kombu import Queue
 
+from config.ops import redbeat_config
 from config.queues import (
     BATCH_QUEUE,
     CONTROL_QUEUE,
@@ -20,6 +21,8 @@ _s = get_settings()
 
 
 broker_url = _s.broker_url()
+# MIXBATCH_BEAT_SCHEDULER=redbeat: schedule and lock in Redis, so a second beat never double-fires
+globals().update(redbeat_config(broker_url, _s.namespace))
 broker_connection_retry_on_startup = True
 broker_transport_options = {
     "visibility_timeout": _s.visibility_timeout_s,

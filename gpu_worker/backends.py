@@ -385,6 +385,7 @@ class EmbeddingBackend(Backend):
     endpoint = EMBEDDINGS
 
     def load_model(self) -> PreTrainedModel:
+        self.lowercase = False
         self.pooling, self.normalize, self.st_max_seq = self.sentence_transformers_config()
         model: PreTrainedModel = AutoModel.from_pretrained(
             self.model_dir, dtype=self.dtype, local_files_only=True
@@ -402,7 +403,9 @@ class EmbeddingBackend(Backend):
         max_seq = None
         bert_config = self.model_dir / "sentence_bert_config.json"
         if bert_config.is_file():
-            max_seq = _read_json(bert_config).get("max_seq_length")
+            settings = _read_json(bert_config)
+            max_seq = settings.get("max_seq_length")
+            self.lowercase = bool(settings.get("do_lower_case"))
         modules_file = self.model_dir / "modules.json"
         if not modules_file.is_file():
             return ("mean",), True, max_seq
@@ -446,6 +449,10 @@ class EmbeddingBackend(Backend):
     def model_limit(self) -> int:
         limit = super().model_limit()
         return min(limit, self.st_max_seq) if self.st_max_seq else limit
+
+    def encode(self, texts: Sequence[str]) -> list[list[int]]:
+        """As sentence-transformers does, lowercases first when its config says so."""
+        return super().encode([t.lower() for t in texts] if self.lowercase else texts)
 
     def parse(self, body: Mapping[str, Any]) -> Job:
         """``input`` as OpenAI takes it; token arrays are this model's own ids, without special

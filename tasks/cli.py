@@ -7,6 +7,7 @@ non-zero: 2 for bad input or configuration, 3 when Redis cannot be reached, 4 fo
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import sys
@@ -80,7 +81,7 @@ def cli() -> None:
 
 def example(name: str) -> Callable[[F], F]:
     def wrap(fn: F) -> F:
-        fn.__doc__ = f"{fn.__doc__ or ''}\n\n\b\nExample:\n  {EXAMPLES[name]}"
+        fn.__doc__ = f"{inspect.cleandoc(fn.__doc__ or '')}\n\n\b\nExample:\n  {EXAMPLES[name]}"
         return fn
 
     return wrap
@@ -463,6 +464,9 @@ def _register() -> None:
     from tasks.cli_dlq import dlq
 
     cli.add_command(dlq)
+    from tasks.cli_ops import register_ops
+
+    register_ops(cli)
 
 
 _register()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import logging
 import threading
 
 from celery import signals
@@ -11,6 +12,7 @@ from config.providers import batch_turnarounds, capability, check_accounts, prov
 from config.settings import get_settings
 from routing.backoff import RetryPolicy
 from routing.batches import BatchRegistry
+from routing.errors import ConfigError
 from routing.models import ServiceConfig
 from routing.providers import RealtimeAdapter, adapter_for
 from routing.providers.batch import BatchAdapter, batch_adapter_for
@@ -110,8 +112,16 @@ def _after_fork(**_: object) -> None:
 
 @signals.worker_init.connect
 def _check_accounts(**_: object) -> None:
-    """Refuse to start without the keys of the configured accounts (the error names the variable)."""
-    check_accounts(get_settings())
+    """Refuse to start without the keys of the configured accounts (the error names the variable).
+
+    Celery logs and swallows exceptions from signal handlers, so the worker is stopped with
+    ``SystemExit`` after the error is logged.
+    """
+    try:
+        check_accounts(get_settings())
+    except ConfigError as exc:
+        logging.getLogger(__name__).critical("cannot start: %s", exc)
+        raise SystemExit(2) from None
 
 
 @signals.worker_ready.connect
