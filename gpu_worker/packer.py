@@ -60,9 +60,13 @@ def padding_fraction(batches: Iterable[Sequence[int]]) -> float:
     return 0.0 if padded == 0 else 1.0 - real / padded
 
 
-def _check(items: Sequence[Item], max_batch_tokens: int, max_batch_size: int) -> None:
+def _check(
+    items: Sequence[Item], max_batch_tokens: int, max_batch_size: int, max_padding: float
+) -> None:
     if max_batch_tokens < 1 or max_batch_size < 1:
         raise ValueError("max_batch_tokens and max_batch_size must be at least 1")
+    if not 0 <= max_padding <= 1:
+        raise ValueError("max_padding must be from 0 to 1")
     for item in items:
         if item.n_tokens < 1:
             raise ValueError(f"item {item.id!r}: n_tokens must be at least 1")
@@ -112,11 +116,11 @@ def iter_batches(
     min_slack_s: float = MIN_SLACK_S,
 ) -> Iterator[list[Item]]:
     """Batches in the order they should run, computed lazily; see the module docstring."""
-    _check(items, max_batch_tokens, max_batch_size)
+    _check(items, max_batch_tokens, max_batch_size, max_padding)
     n = len(items)
     order = sorted(range(n), key=lambda i: (items[i].deadline, -items[i].priority, i))
     length = [items[i].n_tokens for i in order]
-    taken = bytearray(n)
+    taken = bytearray(n)  # by EDF rank
     window: list[tuple[int, int]] = []  # (n_tokens, EDF rank), kept sorted
     boundary = 0  # EDF ranks below this have entered the window
     head = 0  # EDF rank of the anchor
@@ -129,8 +133,7 @@ def iter_batches(
         horizon = deadline + max(min_slack_s, slack * (deadline - now))
         entering = []
         while boundary < n and (boundary <= head or items[order[boundary]].deadline <= horizon):
-            if not taken[boundary]:
-                entering.append((length[boundary], boundary))
+            entering.append((length[boundary], boundary))
             boundary += 1
         if entering:
             window.extend(entering)

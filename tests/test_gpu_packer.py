@@ -171,3 +171,8 @@ def test_urgent_inputs_all_run_before_any_bulk_input(pool: list[Item], budget: i
     later = [index[i.id] for i in pool if i.lane != "urgent"]
     if urgent and later:
         assert max(urgent) < min(later)
+
+
+def test_max_padding_is_a_share() -> None:
+    with pytest.raises(ValueError, match="max_padding"):
+        pack(items(3), max_batch_tokens=100, max_batch_size=4, now=NOW, max_padding=1.5)
