@@ -87,6 +87,25 @@ class Settings(BaseSettings):
         default=False, description="delete provider files after collection"
     )
 
+    route_quantile: float = Field(
+        default=0.95,
+        gt=0,
+        lt=1,
+        description="quantile of learned turnarounds the route choice uses",
+    )
+    route_min_samples: int = Field(default=5, ge=1, description="observations before priors yield")
+    route_half_life_s: float = Field(default=7200.0, gt=0, description="weight of old observations")
+    route_fast_margin_s: float = Field(default=5.0, ge=0)
+    route_refresh_s: float = Field(default=5.0, gt=0, description="how often estimates are re-read")
+    route_obs_max: int = Field(default=500, gt=0, description="observations kept per key")
+    route_gpu_max_age_s: float = Field(
+        default=900.0, gt=0, description="older GPU report: worker gone"
+    )
+    route_gpu_prior_wait_s: float = Field(default=2.0, ge=0)
+    route_gpu_prior_texts_per_s: float = Field(default=50.0, gt=0)
+    route_gpu_overhead_s: float = Field(default=1.0, ge=0)
+    route_gpu_usd_per_hour: float = Field(default=1.0, ge=0, description="amortised GPU price")
+
     gpu_models_file: Path = Field(
         default=Path(__file__).with_name("models.toml"), description="local models table"
     )

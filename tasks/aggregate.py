@@ -11,7 +11,8 @@ from config.settings import get_settings
 from routing.models import Claimed, Route
 from routing.route import choose_route, group_key
 from tasks.batch import stage
-from tasks.common import route_options, service_config, store
+from tasks.common import service_config, store
+from tasks.explain import learned_options, record_decisions
 from tasks.gpu import gpu_batch
 from tasks.realtime import realtime
 
@@ -44,9 +45,11 @@ def aggregate() -> dict[str, int]:
             break
         now = time.time()
         groups: dict[tuple[str, str, str], list[Claimed]] = defaultdict(list)
-        options = route_options()
+        options = learned_options(now)
+        chosen = {c.id: choose_route(c.request, now, options) for c in claimed}
         for c in claimed:
-            groups[group_key(c.request, choose_route(c.request, now, options))].append(c)
+            groups[group_key(c.request, chosen[c.id])].append(c)
+        record_decisions(chosen)  # kept for `mixbatch explain`
         for (route, provider, model), items in groups.items():
             if route == Route.BATCH.value:
                 stage(items, provider, now)

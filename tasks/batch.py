@@ -37,12 +37,13 @@ from routing.planner import (
     window_due,
 )
 from routing.providers.batch import BatchJob, BatchStatus, LineResult
-from routing.route import should_hedge
+from routing.route import RouteOptions, batch_margin_s, batch_turnaround_s, should_hedge
 from routing.states import State
-from tasks.common import batch_adapter, registry, route_options, service_config, store
+from tasks.common import batch_adapter, registry, service_config, store
 from tasks.costs import Cost, price
 from tasks.costs import record_many as record_costs
 from tasks.deliver import dispatch
+from tasks.explain import learned_options, observations
 
 log = logging.getLogger(__name__)
 
@@ -90,11 +91,11 @@ def stage(claimed: list[Claimed], provider: str, now: float) -> int:
 def batch_flush() -> dict[str, int]:
     """Send each waiting group whose time has come to ``batch_submit``."""
     s, reg, now = get_settings(), registry(), time.time()
-    options = route_options()
+    options = learned_options(now)
     windows = {spec.name: spec.submit_windows for spec in service_config().lanes}
     sent = 0
     for group in reg.groups():
-        provider, _, _ = split_group_id(group.gid)
+        provider, endpoint, model = split_group_id(group.gid)
         due_window = any(
             window_due(expr, reg.last_window(group.gid), now)
             for exprs in windows.values()
@@ -106,8 +107,9 @@ def batch_flush() -> dict[str, int]:
             group.tightest_deadline,
             now,
             target_bytes=s.batch_target_bytes,
-            turnaround_s=options.batch_turnaround_s.get(provider, 0.0),
-            margin_s=options.margin_s,
+            # learned: this group's turnaround at its size, and the route choice's margin
+            turnaround_s=_turnaround(options, provider, endpoint, model, group.count),
+            margin_s=batch_margin_s(options, endpoint, model),
             max_wait_s=s.batch_max_wait_s,
             windows_due=due_window,
             oldest_enqueued_at=group.first_at,
@@ -235,6 +237,14 @@ def _create(
             return 0
     s = get_settings()
     reg.record_submitted(record, job.batch_id, time.time(), time.time() + s.batch_poll_interval_s)
+    observations().batch_started(  # learned route choice: a running batch counts, censored
+        provider,
+        record.endpoint,
+        record.model,
+        batch_key=record.key,
+        size=record.lines,
+        at=record.submitted_at or now,
+    )
     log.info(
         "batch submitted",
         extra={
@@ -316,6 +326,7 @@ def _poll_one(key: str, report: dict[str, int]) -> None:
     report["polled"] += 1
     if job.terminal:
         if reg.claim_collect(key, COLLECT_LEASE_S, now):
+            _observe(record, now, censored=job.status is not BatchStatus.COMPLETED)
             collect(record, job)
             report["collected"] += 1
         return
@@ -327,6 +338,7 @@ def _poll_one(key: str, report: dict[str, int]) -> None:
             except MixbatchError as exc:
                 log.warning("batch cancel failed", extra={"batch_key": key, "error": str(exc)})
         reg.finish(record, "cancelled", now, note="no request waits on it any more")
+        _observe(record, now, censored=True)
         log.info("batch dropped: none of its requests waits on it", extra={"batch_key": key})
         return
     reg.save(record)
@@ -336,8 +348,12 @@ def _poll_one(key: str, report: dict[str, int]) -> None:
 
 def _hedge(record: BatchRecord, now: float) -> int:
     """Re-route, before they miss, the requests of a batch that is running late."""
-    options = route_options()
-    late = [m for m in record.requests() if should_hedge(m.deadline, now, options)]
+    options = learned_options(now)
+    late = [
+        m
+        for m in record.requests()
+        if should_hedge(m.deadline, now, options, endpoint=record.endpoint, model=record.model)
+    ]
     info = ErrorInfo(
         code="hedged",
         message=f"batch {record.batch_id} still {record.last_status} near the deadline; re-routed",
@@ -348,6 +364,28 @@ def _hedge(record: BatchRecord, now: float) -> int:
         if store().requeue(m.id, m.token, info) is not None:
             moved += 1
     return moved
+
+
+def _turnaround(
+    options: RouteOptions, provider: str, endpoint: str, model: str, size: int
+) -> float:
+    """Learned turnaround of a batch of ``size`` lines, plus the flush step and poll lag."""
+    found = batch_turnaround_s(options, provider, endpoint, model, size)
+    return (found[0] if found else 0.0) + options.batch_overhead_s
+
+
+def _observe(record: BatchRecord, now: float, *, censored: bool) -> None:
+    """Record a batch's turnaround for the learned route choice (censored: no answers came)."""
+    observations().record_batch(
+        record.provider,
+        record.endpoint,
+        record.model,
+        turnaround_s=now - (record.submitted_at or record.created_at),
+        size=record.lines,
+        at=now,
+        censored=censored,
+        batch_key=record.key,
+    )
 
 
 def _still_wanted(record: BatchRecord) -> bool:

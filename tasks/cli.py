@@ -467,6 +467,9 @@ def _register() -> None:
     from tasks.cli_ops import register_ops
 
     register_ops(cli)
+    from tasks.cli_explain import explain
+
+    cli.add_command(explain)
 
 
 _register()

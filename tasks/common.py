@@ -42,12 +42,15 @@ def retry_policy() -> RetryPolicy:
 @functools.cache
 def route_options() -> RouteOptions:
     s = get_settings()
+    from tasks.explain import route_settings  # learned route choice: quantile, margins, prices
+
     return RouteOptions(
         batch_turnaround_s=batch_turnarounds(s),
         margin_s=s.batch_margin_s,
         hedge_margin_s=s.hedge_margin_s,
         realtime_estimate_s=s.realtime_estimate_s,
         local_models=_local_models(),
+        **route_settings(s),
     )
 
 

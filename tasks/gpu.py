@@ -15,6 +15,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import threading
 import time
 import tomllib
 from pathlib import Path
@@ -36,6 +37,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+HEARTBEAT_S = 60.0
 DEFAULT_MODELS_FILE = Path(__file__).resolve().parent.parent / "config" / "models.toml"
 
 
@@ -73,10 +75,21 @@ def stats_key() -> str:
 
 def publish_stats() -> None:
     """The engines' measured throughput and queue wait, for the route choice (TTL: stale = gone)."""
+    from tasks.explain import observations
+
     st = store()
-    stats = registry().stats()
+    reg = registry()
+    stats = reg.stats()
     if not stats:
         return
+    for model, values in stats.items():
+        aliases = [name for name in reg.served() if reg.spec(name).name == model and name != model]
+        observations().record_gpu(
+            model,
+            texts_per_s=values.get("texts_per_s"),
+            queue_wait_s=values.get("queue_wait_s"),
+            aliases=aliases,
+        )
     now = time.time()
     pipe = st.redis.pipeline(transaction=False)
     for model, values in stats.items():
@@ -102,6 +115,17 @@ def _warm(**_: object) -> None:
         reg.engine(name)
     log.info("local models warm", extra={"models": names})
     publish_stats()
+    threading.Thread(target=_heartbeat, name="mixbatch-gpu-heartbeat", daemon=True).start()
+
+
+def _heartbeat() -> None:
+    """An idle worker still reports once a minute, so the route choice knows it is alive."""
+    while True:
+        time.sleep(HEARTBEAT_S)
+        try:
+            publish_stats()
+        except Exception:
+            log.warning("gpu heartbeat failed", exc_info=True)
 
 
 @app.task(name="mixbatch.gpu_batch", acks_late=True, ignore_result=True)

@@ -18,6 +18,7 @@ from tasks.common import adapter, retry_policy, store
 from tasks.costs import price
 from tasks.costs import record as record_cost
 from tasks.deliver import dispatch
+from tasks.explain import observations
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +43,7 @@ def run_one(provider: str, claimed: Claimed, budget_s: float) -> State | None:
         acct.max_concurrency,
         lease_s=budget_s + 30,
     )
+    started = time.monotonic()  # learned route choice: latency as a caller sees it
     try:
         with sem.hold(timeout_s=budget_s):
             resp = call_with_retries(
@@ -49,6 +51,15 @@ def run_one(provider: str, claimed: Claimed, budget_s: float) -> State | None:
             )
     except MixbatchError as exc:
         info = _error_info(exc)
+        if info.code == "rate_limited":  # learned route choice: no headroom until retry-after
+            observations().record_realtime(
+                provider,
+                req.model,
+                latency_s=None,
+                at=time.time(),
+                rate_limit={"retry-after": str(getattr(exc, "retry_after_s", None) or 0)},
+                limited=True,
+            )
         if exc.retryable:
             wait = getattr(exc, "retry_after_s", None) or backoff_s(
                 claimed.attempts, retry_policy()
@@ -71,6 +82,13 @@ def run_one(provider: str, claimed: Claimed, budget_s: float) -> State | None:
             },
         )
         return State.FAILED if ok else None
+    observations().record_realtime(  # learned route choice: latency and rate-limit headroom
+        provider,
+        req.model,
+        latency_s=time.monotonic() - started,
+        at=time.time(),
+        rate_limit=resp.rate_limit,
+    )
     usage = resp.body.get("usage")
     cost = price(req, provider, Route.REALTIME, usage if isinstance(usage, dict) else None)
     ok = st.finish(
