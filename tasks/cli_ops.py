@@ -223,22 +223,32 @@ def top(interval: float, once: bool, as_json: bool) -> None:
 
 
 def _live(observer: Observer, snap: Snapshot, where: str, interval: float) -> None:
-    """Refresh until Ctrl-C; a Redis outage shows in red and the view keeps trying."""
+    """Refresh until Ctrl-C (or SIGTERM); a Redis outage shows in red and the view keeps trying.
+
+    The signals only set a flag, checked between frames: an interrupt never lands in the middle
+    of a Redis call or a render, so the view always stops cleanly with exit status 0.
+    """
+    import threading
+
     from rich.live import Live
 
+    stop = threading.Event()
+    previous = {
+        sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)
+    }
     prev: Snapshot | None = None
-    with Live(render_top(snap, where=where), console=console, auto_refresh=False) as live:
-        try:
-            while True:
-                time.sleep(interval)
+    try:
+        with Live(render_top(snap, where=where), console=console, auto_refresh=False) as live:
+            while not stop.wait(interval):
                 error = None
                 try:
                     prev, snap = snap, observer.snapshot()
                 except MixbatchError as exc:
                     error = str(exc)
                 live.update(render_top(snap, prev=prev, where=where, error=error), refresh=True)
-        except KeyboardInterrupt:
-            pass
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 # -- health ----------------------------------------------------------------------------------
