@@ -482,6 +482,15 @@ def openai_lines(batch: PlannedBatch, lookup: Callable[[str], Prepared]) -> Iter
     """
     if batch.protocol != "openai":
         raise ValueError(f"batch {batch.key} is an {batch.protocol} batch, not openai")
+    return input_lines(batch, lookup)
+
+
+def input_lines(batch: PlannedBatch, lookup: Callable[[str], Prepared]) -> Iterator[bytes]:
+    """Lines in the OpenAI batch input format for a batch of either protocol.
+
+    Both batch adapters take this file: the OpenAI one uploads it, the Anthropic one turns each
+    line into a ``{"custom_id", "params"}`` request (its custom_ids are already Anthropic-safe).
+    """
     middle = _OPENAI_MID + _encode(batch.endpoint.value).encode() + _OPENAI_BODY
     for custom_id, body in _representative(batch, lookup):
         yield b"".join(

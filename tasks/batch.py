@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +32,7 @@ from routing.planner import (
     BatchCaps,
     PlannedBatch,
     body_bytes,
+    input_lines,
     plan_batches,
     should_flush,
     window_due,
@@ -130,20 +131,6 @@ def _lookup(holders: dict[str, tuple[Prepared, State, str]]) -> Callable[[str], 
     return lambda rid: holders[rid][0]
 
 
-def _lines(batch: PlannedBatch, lookup: Callable[[str], Prepared]) -> Iterator[bytes]:
-    """OpenAI-format input lines for either protocol (the Anthropic adapter converts them)."""
-    import json
-
-    for custom_id, ids in batch.fanout.items():
-        line = {
-            "custom_id": custom_id,
-            "method": "POST",
-            "url": batch.endpoint.value,
-            "body": lookup(ids[0]).body,
-        }
-        yield json.dumps(line, separators=(",", ":"), ensure_ascii=False).encode() + b"\n"
-
-
 @app.task(name="mixbatch.batch_submit", acks_late=True, ignore_result=True)
 def batch_submit(gid: str) -> dict[str, int]:
     """Plan and create the provider batches of one waiting group."""
@@ -204,7 +191,7 @@ def _create(
     with tempfile.TemporaryDirectory(prefix="mixbatch-") as tmp:
         path = Path(tmp) / f"{planned.key}.jsonl"
         with path.open("wb") as fh:
-            for line in _lines(planned, _lookup(holders)):
+            for line in input_lines(planned, _lookup(holders)):
                 fh.write(line)
         metadata = {
             METADATA_KEY: planned.key,

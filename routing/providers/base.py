@@ -23,6 +23,7 @@ because they hold the request, headers included.
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import logging
 import math
@@ -222,7 +223,7 @@ def map_transport_errors(
         ) from None
 
 
-class RealtimeAdapter:
+class RealtimeAdapter(abc.ABC):
     """One provider account's synchronous API: ``call`` POSTs once and returns or raises ours.
 
     Pass ``client`` to share a connection pool (and its limits) between adapters; an adapter
@@ -258,13 +259,15 @@ class RealtimeAdapter:
             f"{type(self).__name__}(name={self.account.name!r}, base_url={self.account.base_url!r})"
         )
 
+    @abc.abstractmethod
     def path_for(self, endpoint: Endpoint) -> str:
         """The path appended to ``account.base_url`` for ``endpoint``."""
-        raise NotImplementedError
+        ...
 
+    @abc.abstractmethod
     def auth_headers(self) -> dict[str, str]:
         """Headers that authenticate and version the request (the only place the key is read)."""
-        raise NotImplementedError
+        ...
 
     def resolve_endpoint(self, endpoint: Endpoint | str) -> Endpoint:
         """``endpoint`` as an ``Endpoint`` this provider serves, else a non-retryable error."""

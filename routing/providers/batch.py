@@ -22,6 +22,7 @@ because the batch may exist: the caller then runs ``find_orphan`` before creatin
 
 from __future__ import annotations
 
+import abc
 import json
 import logging
 import math
@@ -198,7 +199,7 @@ def no_response_error(code: str, message: str) -> ErrorInfo:
     return ErrorInfo(code=mapped, message=message, retryable=retryable)
 
 
-class BatchAdapter:
+class BatchAdapter(abc.ABC):
     """One provider account's batch API. Public verbs do bookkeeping; subclasses do the wire.
 
     Retries follow ``policy`` within ``budget_s`` seconds per verb (see ``retry_call``);
@@ -247,39 +248,42 @@ class BatchAdapter:
 
     # -- the wire, per protocol ------------------------------------------------------------
 
+    @abc.abstractmethod
     def auth_headers(self) -> dict[str, str]:
         """Headers that authenticate and version a request (the only place the key is read)."""
-        raise NotImplementedError
+        ...
 
+    @abc.abstractmethod
     def _create(
         self, path: Path, endpoint: Endpoint, model: str, metadata: dict[str, str], window: str
     ) -> tuple[BatchJob, str | None]:
         """Submit; returns the batch and the provider's request id of the creating call."""
-        raise NotImplementedError
+        ...
 
-    def _batch_path(self, batch_id: str) -> str:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def _batch_path(self, batch_id: str) -> str: ...
 
-    def _job(self, obj: dict[str, Any]) -> BatchJob:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def _job(self, obj: dict[str, Any]) -> BatchJob: ...
 
+    @abc.abstractmethod
     def _list_page(
         self, limit: int, cursor: dict[str, str] | None
     ) -> tuple[list[BatchJob], dict[str, str] | None]:
         """One page of batches, newest first, and the query of the next page (None: last)."""
-        raise NotImplementedError
+        ...
 
-    def _result_paths(self, job: BatchJob) -> list[str]:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def _result_paths(self, job: BatchJob) -> list[str]: ...
 
-    def _line_result(self, obj: dict[str, Any]) -> LineResult | None:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def _line_result(self, obj: dict[str, Any]) -> LineResult | None: ...
 
-    def _delete(self, job: BatchJob) -> None:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def _delete(self, job: BatchJob) -> None: ...
 
-    def _orphan_match(self, job: BatchJob, key: str, value: str, total: int) -> bool:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def _orphan_match(self, job: BatchJob, key: str, value: str, total: int) -> bool: ...
 
     # -- public verbs ----------------------------------------------------------------------
 
