@@ -24,6 +24,11 @@ class State(StrEnum):
 #: A request holding a lease: if the lease runs out, the sweeper puts it back in its lane.
 LEASED = frozenset({State.CLAIMED, State.RUNNING})
 
+#: States in which a provider batch may still answer a request: SUBMITTED, or CLAIMED while the
+#: worker that staged it in its group has not yet marked it SUBMITTED (a flusher may take the
+#: group inside that window, and must not drop the request from the batch it builds).
+BATCH_HELD = frozenset({State.CLAIMED, State.SUBMITTED})
+
 #: The outcome is known; what is left is delivery.
 FINISHED = frozenset({State.DONE, State.FAILED, State.EXPIRED, State.CANCELLED})
 

@@ -39,7 +39,7 @@ from routing.planner import (
 )
 from routing.providers.batch import BatchJob, BatchStatus, LineResult
 from routing.route import RouteOptions, batch_margin_s, batch_turnaround_s, should_hedge
-from routing.states import State
+from routing.states import BATCH_HELD, State
 from tasks.common import batch_adapter, registry, service_config, store
 from tasks.costs import Cost, price
 from tasks.costs import record_many as record_costs
@@ -144,7 +144,7 @@ def batch_submit(gid: str) -> dict[str, int]:
     claimed = [
         Claimed(id=rid, token=token, attempts=0, request=holders[rid][0])
         for rid, token in taken
-        if rid in holders and holders[rid][1] is State.SUBMITTED and holders[rid][2] == token
+        if rid in holders and holders[rid][1] in BATCH_HELD and holders[rid][2] == token
     ]
     plan = plan_batches(
         claimed,
@@ -380,7 +380,7 @@ def _still_wanted(record: BatchRecord) -> bool:
     members = record.requests()
     holders = store().holders([m.id for m in members])
     return any(
-        m.id in holders and holders[m.id][1] is State.SUBMITTED and holders[m.id][2] == m.token
+        m.id in holders and holders[m.id][1] in BATCH_HELD and holders[m.id][2] == m.token
         for m in members
     )
 
