@@ -48,9 +48,9 @@ import redis
 from celery import Celery
 
 from routing.client import Client
-from routing.embedded import EmbeddedRedis, redact_url
-from routing.lanes import parse_lanes
+from routing.decide.lanes import parse_lanes
 from routing.models import ServiceConfig
+from routing.store.embedded import EmbeddedRedis, redact_url
 
 ROOT = Path(__file__).resolve().parent.parent
 LANE = "bulk"

@@ -23,10 +23,10 @@ from pathlib import Path
 from typing import Any
 
 from routing.client import Client
-from routing.lanes import parse_lanes
+from routing.decide.lanes import parse_lanes
 from routing.models import ServiceConfig
-from tasks.demo import LOCAL_MODEL
-from tasks.stack import LocalStack
+from tasks.cli.demo import LOCAL_MODEL
+from tasks.cli.stack import LocalStack
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -1,11 +1,11 @@
 """Planner simulation: a day of mixed traffic through five routing policies, on a simulated clock.
 
 A discrete-event simulation (an event heap plus the aggregator's beat as a 2 s tick; no sleeps)
-that drives mixbatch's *real* decision code: ``routing.route.decide`` (route choice),
-``routing.route.learn`` and ``routing.estimates`` (what is learned from observations),
-``routing.planner.should_flush`` (a group waits to fill only while its deadline allows),
-``routing.route.should_hedge`` (re-route the requests of a late batch) and
-``routing.route.request_costs`` / ``routing.cost`` (prices). Only the world is simulated: the
+that drives mixbatch's *real* decision code: ``routing.decide.route.decide`` (route choice),
+``routing.decide.route.learn`` and ``routing.decide.estimates`` (what is learned from observations),
+``routing.decide.planner.should_flush`` (a group waits to fill only while its deadline allows),
+``routing.decide.route.should_hedge`` (re-route the requests of a late batch) and
+``routing.decide.route.request_costs`` / ``routing.decide.cost`` (prices). Only the world is simulated: the
 traffic, the providers' batch turnaround, realtime latency and rate limits, and a GPU.
 
 The world (every figure is an assumption; see docs/planner.md):
@@ -62,12 +62,11 @@ from typing import Any
 
 import numpy as np
 
-from routing.cost import parse_prices
-from routing.estimates import GpuObs, Headroom, LatencyObs, Observations, TurnaroundObs
-from routing.lanes import parse_lanes
-from routing.models import Endpoint, Request, Route, ServiceConfig, prepare
-from routing.planner import should_flush
-from routing.route import (
+from routing.decide.cost import parse_prices
+from routing.decide.estimates import GpuObs, Headroom, LatencyObs, Observations, TurnaroundObs
+from routing.decide.lanes import parse_lanes
+from routing.decide.planner import should_flush
+from routing.decide.route import (
     RouteOptions,
     batch_margin_s,
     batch_turnaround_s,
@@ -76,6 +75,7 @@ from routing.route import (
     learn,
     request_costs,
 )
+from routing.models import Endpoint, Request, Route, ServiceConfig, prepare
 
 ROOT = Path(__file__).resolve().parent.parent
 DAY = 86400.0

@@ -19,10 +19,10 @@ from pathlib import Path
 from typing import Any
 
 from routing.client import Client
-from routing.lanes import parse_lanes
+from routing.decide.lanes import parse_lanes
 from routing.models import ServiceConfig
 from routing.sandbox import Knobs
-from tasks.stack import LocalStack
+from tasks.cli.stack import LocalStack
 
 ROOT = Path(__file__).resolve().parent.parent
 

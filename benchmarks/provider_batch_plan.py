@@ -42,9 +42,7 @@ from typing import Any
 
 import pydantic
 
-from routing.keys import new_request_id
-from routing.models import Claimed, Endpoint, Prepared
-from routing.planner import (
+from routing.decide.planner import (
     ANTHROPIC_CAPS,
     OPENAI_CAPS,
     BatchCaps,
@@ -55,7 +53,9 @@ from routing.planner import (
     write_anthropic_body,
     write_openai_jsonl,
 )
-from routing.route import provider_for
+from routing.decide.route import provider_for
+from routing.keys import new_request_id
+from routing.models import Claimed, Endpoint, Prepared
 
 MIB = 1024 * 1024
 THROUGHPUT_GOAL = 50_000.0

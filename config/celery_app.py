@@ -20,7 +20,7 @@ app = Celery(
         "tasks.deliver",
         "tasks.sweep",
         "tasks.enqueue",
-        "tasks.metrics",
+        "tasks.cli.metrics",
     ],
 )
 app.config_from_object("config.celeryconfig")

@@ -14,8 +14,8 @@ from typing import Literal
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from routing.decide.lanes import parse_lanes
 from routing.errors import ConfigError
-from routing.lanes import parse_lanes
 from routing.models import LaneSpec, ServiceConfig
 
 DEFAULT_LANES_FILE = Path(__file__).with_name("lanes.toml")
@@ -137,7 +137,7 @@ class Settings(BaseSettings):
         """The Redis every process shares: the configured one, else the running embedded one."""
         if self.redis_url:
             return self.redis_url
-        from routing.embedded import running_url
+        from routing.store.embedded import running_url
 
         url = running_url(self.data_dir)
         if url is None:

@@ -25,7 +25,6 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from routing.embedded import redact_url
 from routing.errors import (
     BodyTooLarge,
     ConfigError,
@@ -54,7 +53,8 @@ from routing.models import (
     prepare,
 )
 from routing.states import State
-from routing.store import LaneStore
+from routing.store.embedded import redact_url
+from routing.store.lanes import LaneStore
 
 __all__ = [
     "BodyTooLarge",
@@ -88,7 +88,7 @@ def default_redis_url() -> str:
     url = os.environ.get("MIXBATCH_REDIS_URL")
     if url:
         return url
-    from routing.embedded import running_url
+    from routing.store.embedded import running_url
 
     data_dir = os.environ.get("MIXBATCH_DATA_DIR", ".mixbatch")
     running = running_url(data_dir)

@@ -1,7 +1,7 @@
 """Request states as one enum, with the allowed transitions written as data.
 
 Tasks and scripts never spell a state as a string of their own: the Lua scripts receive the
-values from here (see ``routing.store``), so a renamed state cannot drift between Python and Lua.
+values from here (see ``routing.store.lanes``), so a renamed state cannot drift between Python and Lua.
 """
 
 from __future__ import annotations

@@ -8,13 +8,13 @@ from collections import defaultdict
 
 from config import app
 from config.settings import get_settings
+from routing.decide.route import choose_route, group_key
 from routing.models import Claimed, Route
-from routing.route import choose_route, group_key
 from tasks.batch import stage
-from tasks.common import service_config, store
 from tasks.explain import learned_options, record_decisions
 from tasks.gpu import gpu_batch
 from tasks.realtime import realtime
+from tasks.runtime import service_config, store
 
 log = logging.getLogger(__name__)
 

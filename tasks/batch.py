@@ -23,10 +23,7 @@ from typing import Any
 
 from config import app
 from config.settings import get_settings
-from routing.batches import BatchRecord, Member, group_id, split_group_id
-from routing.errors import MixbatchError
-from routing.models import Claimed, ErrorInfo, Prepared, Route
-from routing.planner import (
+from routing.decide.planner import (
     ANTHROPIC_CAPS,
     OPENAI_CAPS,
     BatchCaps,
@@ -37,14 +34,17 @@ from routing.planner import (
     should_flush,
     window_due,
 )
+from routing.decide.route import RouteOptions, batch_margin_s, batch_turnaround_s, should_hedge
+from routing.errors import MixbatchError
+from routing.models import Claimed, ErrorInfo, Prepared, Route
 from routing.providers.batch import BatchJob, BatchStatus, LineResult
-from routing.route import RouteOptions, batch_margin_s, batch_turnaround_s, should_hedge
 from routing.states import BATCH_HELD, State
-from tasks.common import batch_adapter, registry, service_config, store
+from routing.store.batches import BatchRecord, Member, group_id, split_group_id
 from tasks.costs import Cost, price
 from tasks.costs import record_many as record_costs
 from tasks.deliver import dispatch
 from tasks.explain import learned_options, observations
+from tasks.runtime import batch_adapter, registry, service_config, store
 
 log = logging.getLogger(__name__)
 

@@ -15,9 +15,15 @@ from typing import Any
 from pydantic import BaseModel
 
 from config.settings import get_settings
-from routing.cost import PriceTable, actual_cost, estimate_cost, parse_prices, saved_vs_realtime
+from routing.decide.cost import (
+    PriceTable,
+    actual_cost,
+    estimate_cost,
+    parse_prices,
+    saved_vs_realtime,
+)
 from routing.models import Prepared, Route
-from routing.store import LaneStore, store_errors
+from routing.store.lanes import LaneStore, store_errors
 
 log = logging.getLogger(__name__)
 

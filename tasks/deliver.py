@@ -29,12 +29,12 @@ from celery import signals
 
 from config import app
 from config.settings import get_settings
-from routing.backoff import RetryPolicy, next_delay_s
+from routing.decide.backoff import RetryPolicy, next_delay_s
 from routing.models import CallbackSpec, ErrorInfo
 from routing.sinks import DeliveryError, Sink, SinkContext, canonical_payload, sink_for
 from routing.sinks.settings import get_sink_settings
-from routing.store import LaneStore
-from tasks.common import store
+from routing.store.lanes import LaneStore
+from tasks.runtime import store
 
 log = logging.getLogger(__name__)
 

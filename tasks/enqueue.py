@@ -7,7 +7,7 @@ from typing import Any
 
 from config import app
 from routing.models import coerce_request, prepare
-from tasks.common import service_config, store
+from tasks.runtime import service_config, store
 
 
 @app.task(name="mixbatch.enqueue", acks_late=True, ignore_result=True)

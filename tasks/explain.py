@@ -1,6 +1,6 @@
 """Glue of the learned route choice: its settings, the observation store, each request's decision.
 
-The decision logic is pure (``routing.route``, ``routing.estimates``); this module is the edge
+The decision logic is pure (``routing.decide.route``, ``routing.decide.estimates``); this module is the edge
 the tasks call: ``learned_options()`` (the route options with what has been observed, re-read
 every ``MIXBATCH_ROUTE_REFRESH_S``), ``observations()`` (where tasks record batch turnarounds,
 realtime latency and rate-limit headroom, and the GPU worker its throughput and queue wait),
@@ -18,11 +18,11 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-from routing.estimates import check_quantile
-from routing.observations import DecisionStore, Explained, ObservationStore
-from routing.route import Decision, RouteOptions
-from routing.store import LaneStore
-from tasks.common import route_options, store
+from routing.decide.estimates import check_quantile
+from routing.decide.route import Decision, RouteOptions
+from routing.store.lanes import LaneStore
+from routing.store.observations import DecisionStore, Explained, ObservationStore
+from tasks.runtime import route_options, store
 
 log = logging.getLogger(__name__)
 

@@ -29,8 +29,8 @@ from config.settings import get_settings
 from routing.errors import ConfigError
 from routing.models import Claimed, ErrorInfo, Route
 from routing.states import State
-from tasks.common import store
 from tasks.deliver import dispatch
+from tasks.runtime import store
 
 if TYPE_CHECKING:
     from gpu_worker.registry import Registry

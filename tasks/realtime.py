@@ -8,17 +8,17 @@ from concurrent.futures import ThreadPoolExecutor
 
 from config import app
 from config.settings import get_settings
-from routing.backoff import backoff_s
+from routing.decide.backoff import backoff_s
 from routing.errors import MixbatchError, NotFound, ProviderError
 from routing.models import Claimed, ErrorInfo, Route
 from routing.providers import call_with_retries
-from routing.semaphore import RedisSemaphore
 from routing.states import State
-from tasks.common import adapter, retry_policy, store
+from routing.store.semaphore import RedisSemaphore
 from tasks.costs import price
 from tasks.costs import record as record_cost
 from tasks.deliver import dispatch
 from tasks.explain import observations
+from tasks.runtime import adapter, retry_policy, store
 
 log = logging.getLogger(__name__)
 

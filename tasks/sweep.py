@@ -9,8 +9,8 @@ import time
 from config import app
 from routing.models import ErrorInfo
 from routing.states import State
-from tasks.common import service_config, store
 from tasks.deliver import dispatch
+from tasks.runtime import service_config, store
 
 log = logging.getLogger(__name__)
 

@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 import redis
 
-from routing.embedded import EmbeddedRedis
-from routing.lanes import parse_lanes
+from routing.decide.lanes import parse_lanes
 from routing.models import ServiceConfig
-from routing.store import LaneStore
+from routing.store.embedded import EmbeddedRedis
+from routing.store.lanes import LaneStore
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -9,7 +9,7 @@ from email.utils import format_datetime
 import pytest
 from pydantic import ValidationError
 
-from routing.backoff import RetryPolicy, backoff_s, next_delay_s, parse_retry_after
+from routing.decide.backoff import RetryPolicy, backoff_s, next_delay_s, parse_retry_after
 from routing.errors import InvalidRequest, ProviderError, ProviderTimeout, RateLimited
 
 EXACT = RetryPolicy(max_tries=10, base_s=0.5, cap_s=30.0, jitter=0.0)

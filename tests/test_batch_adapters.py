@@ -18,7 +18,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import pytest
 
-from routing.backoff import RetryPolicy
+from routing.decide.backoff import RetryPolicy
 from routing.errors import ConfigError, InvalidRequest, MalformedInput, ProviderError, RateLimited
 from routing.providers import (
     TERMINAL_BATCH_STATUSES,

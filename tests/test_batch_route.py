@@ -15,14 +15,14 @@ from typing import Any
 
 import pytest
 
-from routing.batches import BatchRecord, BatchRegistry, Member
 from routing.client import Client
 from routing.keys import lane_of
 from routing.models import Route
 from routing.sandbox import Knobs
 from routing.states import State
-from tasks.demo import answer_ok, demo_workload
-from tasks.stack import LocalStack
+from routing.store.batches import BatchRecord, BatchRegistry, Member
+from tasks.cli.demo import answer_ok, demo_workload
+from tasks.cli.stack import LocalStack
 from tests.test_e2e import CALLBACK, db_url, delivered, make_stack, start_callbacks, wait_for
 
 __all__ = ["db_url"]
@@ -253,7 +253,7 @@ def test_crash_between_create_and_record_adopts_the_orphan(tmp_path: Path, db_ur
 
 def _reset_process_handles() -> None:
     from config.settings import reset_settings
-    from tasks import common
+    from tasks import runtime as common
 
     reset_settings()
     common.reset()
@@ -263,8 +263,9 @@ def _create_then_crash(stack: LocalStack, ids: list[str]) -> None:
     """What batch_submit does, stopped right after the provider's create returned."""
     import tempfile
 
-    from routing.batches import group_id
-    from tasks import batch, common
+    from routing.store.batches import group_id
+    from tasks import batch
+    from tasks import runtime as common
 
     _reset_process_handles()
     st, reg = common.store(), common.registry()

@@ -16,13 +16,13 @@ from typing import Any
 
 import pytest
 
-from routing.batches import group_id
 from routing.client import Client
 from routing.keys import lane_of
 from routing.sandbox import Knobs
 from routing.states import State
-from routing.store import LaneStore
-from tasks.stack import LocalStack
+from routing.store.batches import group_id
+from routing.store.lanes import LaneStore
+from tasks.cli.stack import LocalStack
 from tests.test_batch_route import BATCH_ENV, batch_items
 from tests.test_e2e import db_url, make_stack, wait_for
 
@@ -33,7 +33,7 @@ __all__ = ["db_url"]
 def in_process(tmp_path: Path, db_url: str) -> Iterator[LocalStack]:
     """The sandbox and settings of a stack, with the task functions called in this process."""
     from config.settings import reset_settings
-    from tasks import common
+    from tasks import runtime as common
 
     stack = make_stack(tmp_path, db_url, Knobs(batch_turnaround_s=0.2), **BATCH_ENV)
     saved = dict(os.environ)
@@ -61,7 +61,8 @@ def _submit(url: str, n: int) -> list[str]:
 
 
 def _drain(ids: list[str], timeout_s: float = 30) -> dict[str, State]:
-    from tasks import batch, common
+    from tasks import batch
+    from tasks import runtime as common
 
     st = common.store()
 
@@ -78,7 +79,8 @@ def test_flush_between_stage_and_submitted_strands_nothing(
     in_process: LocalStack, db_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A flusher that takes the group inside ``stage`` gets every request into a batch."""
-    from tasks import batch, common
+    from tasks import batch
+    from tasks import runtime as common
 
     ids = _submit(db_url, 12)
     st = common.store()
@@ -108,8 +110,9 @@ def test_request_whose_stage_never_finished_is_not_put_in_a_batch_it_cannot_answ
     in_process: LocalStack, db_url: str
 ) -> None:
     """Staged but its lease lost before SUBMITTED: the flusher leaves it to the sweeper."""
-    from routing.batches import Member
-    from tasks import batch, common
+    from routing.store.batches import Member
+    from tasks import batch
+    from tasks import runtime as common
 
     ids = _submit(db_url, 4)
     st, reg = common.store(), common.registry()

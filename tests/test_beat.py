@@ -24,7 +24,7 @@ import redis
 
 from config.ops import OpsSettings, redbeat_config
 from config.queues import CONTROL_QUEUE
-from tasks.stack import LocalStack
+from tasks.cli.stack import LocalStack
 
 # Applies the RedBeat settings whatever celeryconfig already does, then runs `celery beat`.
 LAUNCH = """

@@ -27,8 +27,8 @@ from config.settings import reset_settings
 from routing.models import ServiceConfig
 from routing.sandbox import expected_reply
 from routing.states import State
-from routing.store import LaneStore
-from tasks.cli import EXAMPLES, cli
+from routing.store.lanes import LaneStore
+from tasks.cli.main import EXAMPLES, cli
 
 ROOT = Path(__file__).resolve().parent.parent
 LANES = ("urgent", "standard", "bulk")
@@ -699,7 +699,7 @@ def test_sandbox_serves_the_openai_sdk(tmp_path: Path) -> None:
     log = tmp_path / "sandbox.log"
     with log.open("w") as log_fh:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "tasks.cli", "sandbox", "--port", str(port)],
+            [sys.executable, "-m", "tasks.cli.main", "sandbox", "--port", str(port)],
             cwd=ROOT,
             stdin=subprocess.DEVNULL,
             stdout=log_fh,

@@ -28,9 +28,9 @@ from routing.client import (
     UnknownEndpoint,
     UnknownLane,
 )
-from routing.embedded import free_port
 from routing.models import LaneSpec, ServiceConfig
-from routing.store import LaneStore
+from routing.store.embedded import free_port
+from routing.store.lanes import LaneStore
 
 ROOT = Path(__file__).resolve().parent.parent
 LANES = ("urgent", "standard", "bulk")

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from routing.cost import (
+from routing.decide.cost import (
     DEFAULT_OUTPUT_TOKENS,
     IMAGE_TOKENS,
     MESSAGE_OVERHEAD_TOKENS,

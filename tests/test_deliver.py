@@ -25,9 +25,9 @@ from routing.models import CallbackSpec, Result, ServiceConfig, coerce_request
 from routing.sinks import DeliveryError, Sink, SinkContext, sink_for
 from routing.sinks.celery import CelerySink
 from routing.states import State
-from routing.store import LaneStore
-from tasks import common
+from routing.store.lanes import LaneStore
 from tasks import deliver as deliver_module
+from tasks import runtime as common
 from tasks.deliver import run_delivery
 from tests.test_sinks_webhook import (
     BODY,

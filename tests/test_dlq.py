@@ -19,8 +19,8 @@ from config.settings import reset_settings
 from routing.models import ErrorInfo, ServiceConfig
 from routing.sinks import SinkContext
 from routing.states import State
-from routing.store import LaneStore
-from tasks.cli import cli
+from routing.store.lanes import LaneStore
+from tasks.cli.main import cli
 from tests.test_sinks_webhook import (
     Receiver,
     deliver_once,

@@ -17,13 +17,13 @@ import pytest
 import redis
 
 from routing.client import Client
-from routing.embedded import EmbeddedRedis
-from routing.lanes import parse_lanes
+from routing.decide.lanes import parse_lanes
 from routing.models import Route, ServiceConfig
 from routing.sandbox import Knobs
 from routing.states import State
-from tasks.demo import answer_ok, demo_workload
-from tasks.stack import LocalStack
+from routing.store.embedded import EmbeddedRedis
+from tasks.cli.demo import answer_ok, demo_workload
+from tasks.cli.stack import LocalStack
 from tests.callback_app import counts_key, payloads_key
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -17,7 +17,8 @@ from pathlib import Path
 import pytest
 import redis
 
-from routing.embedded import (
+from routing.errors import ConfigError, StoreUnavailable
+from routing.store.embedded import (
     EmbeddedRedis,
     ensure_running,
     free_port,
@@ -25,7 +26,6 @@ from routing.embedded import (
     redis_server_binary,
     running_url,
 )
-from routing.errors import ConfigError, StoreUnavailable
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -210,7 +210,7 @@ def test_server_dies_with_sigkilled_parent(tmp_path: Path) -> None:
         textwrap.dedent(
             """
             import sys, time
-            from routing.embedded import EmbeddedRedis
+            from routing.store.embedded import EmbeddedRedis
 
             server = EmbeddedRedis(sys.argv[1]).start()
             print(server.pid, flush=True)
@@ -247,7 +247,7 @@ def test_stops_at_exit_but_not_in_forked_child(tmp_path: Path) -> None:
             """
             import os, sys
             import redis
-            from routing.embedded import EmbeddedRedis
+            from routing.store.embedded import EmbeddedRedis
 
             server = EmbeddedRedis(sys.argv[1]).start()
             child = os.fork()
@@ -288,8 +288,8 @@ def test_state_file_of_another_server_on_that_port_is_stale(
 
 
 def test_no_binary_is_config_error(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("routing.embedded.shutil.which", lambda _name: None)
-    monkeypatch.setattr("routing.embedded.find_spec", lambda _name: None)
+    monkeypatch.setattr("routing.store.embedded.shutil.which", lambda _name: None)
+    monkeypatch.setattr("routing.store.embedded.find_spec", lambda _name: None)
     with pytest.raises(ConfigError, match="MIXBATCH_REDIS_URL"):
         redis_server_binary()
 

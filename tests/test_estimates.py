@@ -7,8 +7,7 @@ import math
 
 import pytest
 
-from routing.errors import ConfigError
-from routing.estimates import (
+from routing.decide.estimates import (
     Estimate,
     GpuObs,
     Headroom,
@@ -24,6 +23,7 @@ from routing.estimates import (
     turnaround_estimate,
     weighted_quantile,
 )
+from routing.errors import ConfigError
 
 NOW = 1_000_000.0
 H = 3600.0

@@ -4,7 +4,7 @@ password) shows through Flower's REST API or the worker's log, not even for a pr
 sends ``mixbatch.enqueue`` with a plain ``send_task`` (whose default argsrepr is the body).
 
 Flower is started the way the Procfile starts it (``mixbatch flower``), with basic auth, on a
-loopback port; beat and the sandbox provider come from ``tasks.stack.LocalStack``. The worker is
+loopback port; beat and the sandbox provider come from ``tasks.cli.stack.LocalStack``. The worker is
 ``celery -A config worker`` with the app's ``task_cls`` set to ``config.redaction.MixbatchTask``
 (a no-op once ``config/celery_app.py`` passes it itself, which the last test checks).
 """
@@ -29,9 +29,9 @@ from celery import Celery
 from config.celery_app import app
 from config.redaction import MixbatchTask, is_readable, summarize
 from routing.client import Client
-from routing.lanes import parse_lanes
+from routing.decide.lanes import parse_lanes
 from routing.models import ServiceConfig
-from tasks.stack import SANDBOX_KEY, LocalStack
+from tasks.cli.stack import SANDBOX_KEY, LocalStack
 
 ROOT = Path(__file__).resolve().parent.parent
 MIXBATCH = str(Path(sys.executable).parent / "mixbatch")

@@ -16,8 +16,8 @@ from routing.client import Client
 from routing.models import Route
 from routing.sandbox import Knobs
 from routing.states import State
-from tasks.demo import LOCAL_MODEL
-from tasks.stack import LocalStack
+from tasks.cli.demo import LOCAL_MODEL
+from tasks.cli.stack import LocalStack
 from tests.test_e2e import CALLBACK, db_url, delivered, make_stack, start_callbacks, wait_for
 
 __all__ = ["db_url"]

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from routing.decide.lanes import parse_lanes
 from routing.errors import ConfigError
-from routing.lanes import parse_lanes
 from routing.models import LaneSpec, ServiceConfig
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -17,10 +17,10 @@ import pytest
 import redis
 
 from routing.models import Route
-from routing.observations import DecisionStore, ObservationStore
 from routing.sandbox import Knobs
 from routing.states import State
-from tasks.stack import LocalStack
+from routing.store.observations import DecisionStore, ObservationStore
+from tasks.cli.stack import LocalStack
 from tests.test_batch_route import assert_delivered_once, results_of, submit
 from tests.test_e2e import CALLBACK, db_url, make_stack, start_callbacks, wait_for
 

@@ -22,16 +22,16 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from config.ops import reset_ops_settings
 from config.settings import reset_settings
-from routing.batches import BatchRecord, BatchRegistry, Member
 from routing.models import Request, Route, ServiceConfig, prepare
 from routing.states import State
-from routing.store import LaneStore
-from tasks.cli import cli
+from routing.store.batches import BatchRecord, BatchRegistry, Member
+from routing.store.lanes import LaneStore
+from tasks.cli.main import cli
+from tasks.cli.metrics import build_registry, families, render_text
+from tasks.cli.observability import Observer, lane_view, parse_counts
+from tasks.cli.stack import LocalStack
 from tasks.costs import Cost
 from tasks.costs import record as record_cost
-from tasks.metrics import build_registry, families, render_text
-from tasks.observability import Observer, lane_view, parse_counts
-from tasks.stack import LocalStack
 
 ROOT = Path(__file__).resolve().parent.parent
 BODY: dict[str, Any] = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
@@ -255,7 +255,7 @@ def test_metrics_serves_http_and_stops_on_sigterm(
     child_env = {**_base_env(), **env, "MIXBATCH_METRICS_PORT": str(port)}
     log = (tmp_path / "metrics.log").open("wb")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "tasks.cli", "metrics"],
+        [sys.executable, "-m", "tasks.cli.main", "metrics"],
         env=child_env,
         stdout=log,
         stderr=subprocess.STDOUT,
@@ -320,8 +320,8 @@ def test_worker_serves_counters_written_before_it_started_and_refuses_a_taken_po
         finish_one(
             store, service_config, "urgent", Route.REALTIME, State.DONE, time.time(), late=True
         )
-        # `-A tasks.metrics` finds the same app and imports the module that adds the option.
-        stack.start_worker("w1", app="tasks.metrics", concurrency=1)
+        # `-A tasks.cli.metrics` finds the same app and imports the module that adds the option.
+        stack.start_worker("w1", app="tasks.cli.metrics", concurrency=1)
         stack.wait_workers(["w1"])
         found = samples(_get_until_up(f"http://127.0.0.1:{port}/metrics", stack.procs["w1"]))
         assert (
@@ -329,7 +329,7 @@ def test_worker_serves_counters_written_before_it_started_and_refuses_a_taken_po
             == 1
         )
         assert value(found, "mixbatch_deadline_misses_total", lane="urgent") == 1
-        second = stack.start_worker("w2", app="tasks.metrics", concurrency=1)
+        second = stack.start_worker("w2", app="tasks.cli.metrics", concurrency=1)
         assert second.wait(timeout=60) == 2
         log = (stack.log_dir / "w2.log").read_text()
         assert (

@@ -13,12 +13,12 @@ import time
 import pytest
 import redis
 
-from routing.estimates import TurnaroundObs
+from routing.decide.estimates import TurnaroundObs
+from routing.decide.route import Decision, RouteOptions, choose_route
 from routing.models import Request, Route, prepare
-from routing.observations import DecisionStore, ObservationStore
-from routing.route import Decision, RouteOptions, choose_route
 from routing.states import State
-from routing.store import LaneStore
+from routing.store.lanes import LaneStore
+from routing.store.observations import DecisionStore, ObservationStore
 from tests.test_cli import Invoke, assert_clean_error, base_env, invoke
 
 __all__ = ["base_env", "invoke"]

@@ -26,9 +26,9 @@ from config.ops import OpsSettings, is_loopback, reset_ops_settings
 from config.settings import reset_settings
 from routing.models import Route, ServiceConfig
 from routing.states import State
-from routing.store import LaneStore
-from tasks.cli import cli
-from tasks.cli_ops import OPS_EXAMPLES
+from routing.store.lanes import LaneStore
+from tasks.cli.main import cli
+from tasks.cli.ops import OPS_EXAMPLES
 from tests.test_metrics import finish_one
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -14,10 +14,7 @@ from typing import Any
 
 import pytest
 
-from routing.errors import ConfigError
-from routing.jsonl import parse_batch_lines
-from routing.models import Claimed, Endpoint, Prepared
-from routing.planner import (
+from routing.decide.planner import (
     ANTHROPIC_CAPS,
     FLUSH_REASONS,
     OPENAI_CAPS,
@@ -35,7 +32,10 @@ from routing.planner import (
     write_anthropic_body,
     write_openai_jsonl,
 )
-from routing.route import provider_for
+from routing.decide.route import provider_for
+from routing.errors import ConfigError
+from routing.jsonl import parse_batch_lines
+from routing.models import Claimed, Endpoint, Prepared
 
 NOW = 1_700_000_000.0
 PROTOCOLS: dict[str, BatchProtocol] = {

@@ -16,8 +16,7 @@ import httpx
 import pytest
 from pydantic import SecretStr
 
-from routing.backoff import RetryPolicy
-from routing.embedded import free_port
+from routing.decide.backoff import RetryPolicy
 from routing.errors import ConfigError, ProviderError, ProviderTimeout, RateLimited
 from routing.models import Endpoint
 from routing.providers import (
@@ -30,6 +29,7 @@ from routing.providers import (
 )
 from routing.sandbox import Knobs, embedding_for, expected_reply, response_text
 from routing.sandbox.server import SandboxServer
+from routing.store.embedded import free_port
 
 KEY = "sk-test-DO-NOT-LEAK-7f3a9c"
 PROMPT_SECRET = "prompt-secret-b41d"

@@ -10,9 +10,8 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
-from routing.cost import PriceTable, parse_prices
-from routing.errors import ConfigError
-from routing.estimates import (
+from routing.decide.cost import PriceTable, parse_prices
+from routing.decide.estimates import (
     GpuEstimate,
     GpuObs,
     Headroom,
@@ -20,10 +19,9 @@ from routing.estimates import (
     Observations,
     TurnaroundObs,
 )
-from routing.lanes import parse_lanes
-from routing.models import Endpoint, Prepared, Request, Route, ServiceConfig, prepare
-from routing.planner import should_flush
-from routing.route import (
+from routing.decide.lanes import parse_lanes
+from routing.decide.planner import should_flush
+from routing.decide.route import (
     LOCAL_PROVIDER,
     Decision,
     RouteOptions,
@@ -37,6 +35,8 @@ from routing.route import (
     provider_for,
     should_hedge,
 )
+from routing.errors import ConfigError
+from routing.models import Endpoint, Prepared, Request, Route, ServiceConfig, prepare
 
 ROOT = Path(__file__).resolve().parent.parent
 NOW = 1_000_000.0
@@ -395,7 +395,7 @@ def test_decision_round_trips_through_json_even_with_a_dead_gpu() -> None:
 
 def test_decide_over_plain_data_matches_choose_route() -> None:
     """The simulation calls ``decide`` with precomputed costs; it must agree with the service."""
-    from routing.route import request_costs
+    from routing.decide.route import request_costs
 
     req = request("standard")
     opts = learn(options(), observed(30.0), NOW)

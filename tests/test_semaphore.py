@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 import redis
 
-from routing.embedded import EmbeddedRedis, free_port
 from routing.errors import StoreUnavailable
-from routing.semaphore import RedisSemaphore, SemaphoreBusy
+from routing.store.embedded import EmbeddedRedis, free_port
+from routing.store.semaphore import RedisSemaphore, SemaphoreBusy
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -140,7 +140,7 @@ _CHILD = textwrap.dedent(
     """
     import os, sys, time
     import redis
-    from routing.semaphore import RedisSemaphore
+    from routing.store.semaphore import RedisSemaphore
 
     url, key, limit, mode = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
     conn = redis.Redis.from_url(url)

@@ -25,7 +25,7 @@ from routing.sinks import DeliveryError, PayloadTooLarge, SinkContext, canonical
 from routing.sinks import sql as sql_module
 from routing.sinks.sql import SqlSink
 from routing.states import State
-from routing.store import LaneStore
+from routing.store.lanes import LaneStore
 from tests.test_sinks_webhook import BODY, deliver_once, finished, sink_settings
 
 PG_ENV = "MIXBATCH_TEST_POSTGRES_URL"

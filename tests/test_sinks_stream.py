@@ -17,7 +17,7 @@ from routing.models import Result, ServiceConfig, StreamCallback, coerce_request
 from routing.sinks import DeliveryError, PayloadTooLarge, SinkContext, canonical_payload, sink_for
 from routing.sinks.stream import marker_key
 from routing.states import State
-from routing.store import LaneStore
+from routing.store.lanes import LaneStore
 from tests.test_sinks_webhook import BODY, deliver_once, finished, sink_settings
 
 

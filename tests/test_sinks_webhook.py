@@ -45,8 +45,8 @@ from routing.sinks import (
 from routing.sinks.signing import signature_header
 from routing.sinks.webhook import AddressPolicy, WebhookSink
 from routing.states import State
-from routing.store import LaneStore
-from tasks.cli_dlq import replay_dead_letter
+from routing.store.lanes import LaneStore
+from tasks.cli.dlq import replay_dead_letter
 from tasks.deliver import Outcome, run_delivery
 
 SECRET = "whsec-acme-test"

@@ -31,7 +31,7 @@ from routing.models import (
     prepare,
 )
 from routing.states import State, can_transition
-from routing.store import LaneStore
+from routing.store.lanes import LaneStore
 
 LANES = ("urgent", "standard", "bulk")
 STATE_VALUES = frozenset(s.value for s in State)

@@ -25,10 +25,10 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from routing.client import Client
-from routing.embedded import running_url
 from routing.sandbox.server import SandboxServer
-from tasks.demo import answer_ok
-from tasks.stack import SANDBOX_KEY
+from routing.store.embedded import running_url
+from tasks.cli.demo import answer_ok
+from tasks.cli.stack import SANDBOX_KEY
 
 ROOT = Path(__file__).resolve().parent.parent
 MIXBATCH = str(Path(sys.executable).parent / "mixbatch")

@@ -13,7 +13,7 @@ batch adapters in ``routing.providers.batch`` share both, and the ``retry_call``
 
 A provider's ``x-should-retry`` header overrides the status rule, as the OpenAI SDK does.
 Subclasses only say where to POST and which headers authenticate. Retrying is not the
-adapter's job: ``call_with_retries`` asks ``routing.backoff`` and keeps within a time budget.
+adapter's job: ``call_with_retries`` asks ``routing.decide.backoff`` and keeps within a time budget.
 
 Secrets: the API key lives in a ``SecretStr`` and reaches only the request headers. Error
 messages and log records carry the provider's name, the endpoint path, the status and the
@@ -36,7 +36,7 @@ from typing import Any, ClassVar, Literal, TypeVar
 import httpx
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 
-from routing.backoff import RetryPolicy, next_delay_s, parse_retry_after
+from routing.decide.backoff import RetryPolicy, next_delay_s, parse_retry_after
 from routing.errors import ConfigError, ProviderError, ProviderTimeout, RateLimited
 from routing.models import Endpoint
 
@@ -229,7 +229,7 @@ class RealtimeAdapter(abc.ABC):
     Pass ``client`` to share a connection pool (and its limits) between adapters; an adapter
     closes only a client it created itself. The client is created with
     ``max_connections = account.max_concurrency``, a per-process bound; the cross-process
-    bound is ``routing.semaphore.RedisSemaphore``.
+    bound is ``routing.store.semaphore.RedisSemaphore``.
     """
 
     kind: ClassVar[str]
@@ -366,7 +366,7 @@ def call_with_retries(
     clock: Callable[[], float] = time.monotonic,
     rng: random.Random | None = None,
 ) -> ProviderResponse:
-    """``adapter.call`` retried per ``routing.backoff.next_delay_s`` within ``budget_s`` seconds.
+    """``adapter.call`` retried per ``routing.decide.backoff.next_delay_s`` within ``budget_s`` seconds.
 
     Each try's timeout is cut to the budget left (httpx applies it per phase: connect, each
     read), and a wait that would end past the budget is not started: the last error is raised

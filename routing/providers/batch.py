@@ -40,7 +40,7 @@ from urllib.parse import quote
 import httpx
 from pydantic import BaseModel, ConfigDict, Field
 
-from routing.backoff import DEFAULT_POLICY, RetryPolicy, next_delay_s
+from routing.decide.backoff import DEFAULT_POLICY, RetryPolicy, next_delay_s
 from routing.errors import ConfigError, InvalidRequest, MalformedInput, ProviderError
 from routing.models import Endpoint, ErrorInfo
 from routing.providers.base import (

@@ -29,7 +29,7 @@ from http import HTTPStatus
 
 import httpx
 
-from routing.backoff import parse_retry_after
+from routing.decide.backoff import parse_retry_after
 from routing.models import Result, WebhookCallback
 from routing.sinks.base import AddressRefused, DeliveryError, Sink
 from routing.sinks.settings import SinkSettings

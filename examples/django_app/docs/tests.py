@@ -1,7 +1,7 @@
 """The example end to end, with Django's test runner: ``python manage.py test``.
 
 Nothing is faked. ``setUpClass`` starts a whole mixbatch (an embedded Redis, the sandbox
-provider, a service worker and beat, via ``tasks.stack.LocalStack``) and this project's own
+provider, a service worker and beat, via ``tasks.cli.stack.LocalStack``) and this project's own
 Celery worker on ``docs.callbacks``. A test posts to the view, mixbatch runs the request against
 the sandbox, sends the result to ``mixbatch.django.store_answer``, and the worker writes it into
 the row. The test database is a SQLite *file* (``DATABASES["default"]["TEST"]["NAME"]``) so the
@@ -42,7 +42,7 @@ from routing.contrib.django.models import AppliedResult
 from routing.models import Result
 from routing.sandbox import Knobs, expected_embeddings, expected_reply
 from routing.states import State
-from tasks.stack import LocalStack
+from tasks.cli.stack import LocalStack
 
 PROJECT_DIR = Path(__file__).resolve().parent.parent
 CALLBACK_QUEUE = "docs.callbacks"

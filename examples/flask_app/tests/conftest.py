@@ -1,7 +1,7 @@
 """A whole mixbatch for the example's tests, started once per session.
 
 An embedded Redis (or ``DOCS_TEST_REDIS_URL``: a database nothing else uses), the sandbox
-provider, a service worker and beat (``tasks.stack.LocalStack``), and the example's own Celery
+provider, a service worker and beat (``tasks.cli.stack.LocalStack``), and the example's own Celery
 worker on ``flask_docs.callbacks``, all on a SQLite file in a temporary directory that the
 worker and the tests share.
 """
@@ -22,7 +22,7 @@ from flask_docs import create_app
 from flask_docs.db import document, documents, mixbatch
 
 from routing.sandbox import Knobs
-from tasks.stack import LocalStack
+from tasks.cli.stack import LocalStack
 
 APP_DIR = Path(__file__).resolve().parent.parent
 CALLBACK_QUEUE = "flask_docs.callbacks"

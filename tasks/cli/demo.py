@@ -146,7 +146,7 @@ def run_demo(
     import os
 
     from routing.client import Client
-    from tasks.stack import LocalStack
+    from tasks.cli.stack import LocalStack
 
     console = console or Console()
     demo_dir = data_dir / "demo"

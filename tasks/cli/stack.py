@@ -21,11 +21,11 @@ from typing import IO, Any
 import redis
 
 from config.queues import GPU_QUEUE, SERVICE_QUEUES
-from routing.embedded import EmbeddedRedis
 from routing.errors import ConfigError
 from routing.models import ServiceConfig
 from routing.sandbox import Knobs
-from routing.store import LaneStore
+from routing.store.embedded import EmbeddedRedis
+from routing.store.lanes import LaneStore
 
 SANDBOX_KEY = "sk-sandbox-not-a-real-key"
 

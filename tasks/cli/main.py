@@ -140,7 +140,7 @@ def up(procfile: Path) -> None:
     from honcho.environ import parse_procfile
     from honcho.manager import Manager
 
-    from routing.embedded import ensure_running
+    from routing.store.embedded import ensure_running
 
     if not procfile.exists():
         raise ConfigError(
@@ -158,7 +158,7 @@ def up(procfile: Path) -> None:
     from config.settings import reset_settings
 
     reset_settings()
-    from tasks.common import store
+    from tasks.runtime import store
 
     store().publish_config(_settings().service_config())
     manager = Manager()
@@ -179,7 +179,7 @@ def up(procfile: Path) -> None:
 def demo(n: int, timeout_s: float) -> None:
     """The main job end to end, offline: embedded Redis, the sandbox provider, a worker and
     beat; submits a mixed-lane workload with a progress bar, waits, prints a summary."""
-    from tasks.demo import run_demo
+    from tasks.cli.demo import run_demo
 
     sys.exit(run_demo(_settings().data_dir, n=n, timeout_s=timeout_s, console=console))
 
@@ -255,7 +255,7 @@ def _check_room(client: Any, lane: str, tenant: str, custom_ids: list[str]) -> N
     Only lines not already submitted count (resubmitting a file stays idempotent); the store's
     own cap still guards against producers racing for the last places.
     """
-    from routing.store import store_errors
+    from routing.store.lanes import store_errors
 
     cap = client.config.lane(lane).max_queued
     if not cap:
@@ -461,13 +461,13 @@ def sandbox(
 
 
 def _register() -> None:
-    from tasks.cli_dlq import dlq
+    from tasks.cli.dlq import dlq
 
     cli.add_command(dlq)
-    from tasks.cli_ops import register_ops
+    from tasks.cli.ops import register_ops
 
     register_ops(cli)
-    from tasks.cli_explain import explain
+    from tasks.cli.explain import explain
 
     cli.add_command(explain)
 

@@ -22,7 +22,7 @@ import redis
 from pydantic import BaseModel, Field
 
 from routing.errors import NotFound
-from routing.store import store_errors
+from routing.store.lanes import store_errors
 
 BatchState = Literal["intent", "submitted", "collecting", "done", "failed", "cancelled"]
 

@@ -2,7 +2,7 @@
 
 The route choice needs one number per route: how long until the answer, at a chosen quantile
 (p95 by default), not on average, because a deadline is missed by the tail. The observations
-(``routing.observations`` keeps them in Redis) are lists of plain tuples; every function here
+(``routing.store.observations`` keeps them in Redis) are lists of plain tuples; every function here
 takes them, ``now`` and its parameters as arguments and returns a value, so the whole learning
 step is table-tested and the simulation (``benchmarks/planner_sim.py``) drives exactly this code.
 

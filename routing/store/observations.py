@@ -1,6 +1,6 @@
 """What the service has seen, kept in Redis, bounded: the input of the learned route choice.
 
-Tasks record as they go (I/O at the edge); ``routing.estimates`` turns a ``snapshot()`` into
+Tasks record as they go (I/O at the edge); ``routing.decide.estimates`` turns a ``snapshot()`` into
 numbers (pure). What is kept, per key, newest first, at most ``max_per_key`` entries and
 ``ttl_s`` after the last write (so keys of a model nobody uses any more disappear):
 
@@ -44,8 +44,7 @@ from typing import Any
 import redis
 from pydantic import BaseModel
 
-from routing.errors import NotFound
-from routing.estimates import (
+from routing.decide.estimates import (
     GpuObs,
     Headroom,
     LatencyObs,
@@ -53,9 +52,10 @@ from routing.estimates import (
     TurnaroundObs,
     parse_rate_limit,
 )
+from routing.decide.route import Decision, RouteOptions, learn
+from routing.errors import NotFound
 from routing.keys import Keys, lane_of
-from routing.route import Decision, RouteOptions, learn
-from routing.store import store_errors
+from routing.store.lanes import store_errors
 
 log = logging.getLogger(__name__)
 

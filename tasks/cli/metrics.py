@@ -1,14 +1,14 @@
 """The Prometheus endpoint: ``mixbatch metrics --port N``, or inside every worker.
 
 Nothing is counted in process memory. A custom collector reads Redis on each scrape (the
-lanes' ``counts`` hashes, the batch registry, the cost ledger; see ``tasks.observability``),
+lanes' ``counts`` hashes, the batch registry, the cost ledger; see ``tasks.cli.observability``),
 so the counters survive worker restarts and every process serving the endpoint reports the
 same numbers. Scrape one of them: several endpoints show the same totals, not shares.
 
 Worker option: with ``MIXBATCH_WORKER_METRICS_PORT`` set, a worker checks the port at start
 (refusing to start, with one sentence, when it is taken) and serves the endpoint from its main
 process once ready. This module must be imported by the worker for that (it is in the Celery
-``include`` list); ``celery -A tasks.metrics worker`` works too.
+``include`` list); ``celery -A tasks.cli.metrics worker`` works too.
 
 Families (``_total`` ones are counters):
 
@@ -47,7 +47,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from config import app
 from config.ops import check_port, get_ops_settings
 from routing.errors import ConfigError, MixbatchError
-from tasks.observability import Observer, Snapshot
+from tasks.cli.observability import Observer, Snapshot
 
 __all__ = [
     "MixbatchCollector",
@@ -207,7 +207,7 @@ class MixbatchCollector:
 
 
 def _default_observer() -> Observer:
-    from tasks.common import service_config, store
+    from tasks.runtime import service_config, store
 
     return Observer(store(), fallback_lanes=lambda: service_config().lanes)
 

@@ -8,9 +8,9 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from routing.decide.planner import check_window
 from routing.errors import ConfigError
 from routing.models import LaneSpec, parse_duration_s
-from routing.planner import check_window
 
 
 def _line_of(text: str, lane: str) -> int | None:

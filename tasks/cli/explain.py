@@ -16,7 +16,7 @@ import click
 from rich.markup import escape
 from rich.table import Table
 
-from routing.observations import DecisionStore, Explained
+from routing.store.observations import DecisionStore, Explained
 
 __all__ = ["explain"]
 
@@ -36,7 +36,7 @@ def _usd(value: float | None) -> str:
 
 
 def _print(found: Explained) -> None:
-    from tasks.cli import _when, console
+    from tasks.cli.main import _when, console
 
     console.print(
         f"[bold]{escape(found.id)}[/]  lane {found.lane}, state {found.state}, "
@@ -88,7 +88,7 @@ def explain(request_id: str, as_json: bool) -> None:
     Example:
       mixbatch explain standard.01JD3...   |   mixbatch explain standard.01JD3... --json
     """
-    from tasks.cli import _client, _print_json
+    from tasks.cli.main import _client, _print_json
 
     with _client() as client:
         st = client.store

@@ -16,11 +16,11 @@ since their tails are seconds. A batch's finish is its turnaround estimate plus
 A request already in a batch is re-routed (hedged) when its remaining slack falls below the
 fastest alternative's learned finish plus the hedge margin (``should_hedge``), and a waiting
 group flushes when one more step of waiting would push its tightest deadline past the batch's
-finish plus margin (``batch_turnaround_s`` feeds ``routing.planner.should_flush``).
+finish plus margin (``batch_turnaround_s`` feeds ``routing.decide.planner.should_flush``).
 
 Without a price for a candidate the request still routes, on deadline alone, in the design's
 price order (local GPU, provider batch, realtime), and the decision carries a warning naming the
-model. ``learn`` turns observations (``routing.estimates.Observations``) into the options.
+model. ``learn`` turns observations (``routing.decide.estimates.Observations``) into the options.
 """
 
 from __future__ import annotations
@@ -31,8 +31,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from routing.cost import PriceTable, estimate_cost
-from routing.estimates import (
+from routing.decide.cost import PriceTable, estimate_cost
+from routing.decide.estimates import (
     DEFAULT_HALF_LIFE_S,
     DEFAULT_MIN_SAMPLES,
     DEFAULT_QUANTILE,
@@ -260,7 +260,7 @@ def request_costs(
 ) -> tuple[dict[tuple[Route, str], float | None], list[str]]:
     """Expected USD of ``request`` on each route and account, and warnings for missing prices.
 
-    Batch and realtime are priced from the table (``routing.cost.estimate_cost``); the GPU
+    Batch and realtime are priced from the table (``routing.decide.cost.estimate_cost``); the GPU
     from the table's ``local`` entry when there is one, else (None here) from the hardware's
     hourly price and the learned throughput in ``decide``. Without a table: no prices.
     """

@@ -19,7 +19,7 @@ import redis
 
 from routing.errors import NotFound
 from routing.keys import lane_of
-from routing.store import LaneStore, store_errors
+from routing.store.lanes import LaneStore, store_errors
 
 __all__ = ["NoDeadLetter", "dlq", "drop_dead_letter", "replay_dead_letter"]
 
@@ -97,7 +97,7 @@ def list_(as_json: bool) -> None:
     from rich.markup import escape
     from rich.table import Table
 
-    from tasks.cli import _client, _print_json, _when, console
+    from tasks.cli.main import _client, _print_json, _when, console
 
     with _client() as client:
         entries = client.store.dead_letters()
@@ -123,7 +123,7 @@ def list_(as_json: bool) -> None:
 def replay(request_id: str | None, replay_all: bool) -> None:
     """Send a dead letter (or --all of them) again: back into its lane's outbox, with a fresh
     count of delivery attempts. The sweeper re-sends it within seconds."""
-    from tasks.cli import _client, console, err_console
+    from tasks.cli.main import _client, console, err_console
 
     if bool(request_id) == replay_all:
         raise click.UsageError("give one ID, or --all")
@@ -146,7 +146,7 @@ def replay(request_id: str | None, replay_all: bool) -> None:
 @click.argument("request_id")
 def drop(request_id: str) -> None:
     """Forget a dead letter without delivering it."""
-    from tasks.cli import _client, console
+    from tasks.cli.main import _client, console
 
     with _client() as client:
         drop_dead_letter(client.store, request_id)

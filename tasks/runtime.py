@@ -10,14 +10,14 @@ from celery import signals
 
 from config.providers import batch_turnarounds, capability, check_accounts, provider_account
 from config.settings import get_settings
-from routing.backoff import RetryPolicy
-from routing.batches import BatchRegistry
+from routing.decide.backoff import RetryPolicy
+from routing.decide.route import RouteOptions
 from routing.errors import ConfigError
 from routing.models import ServiceConfig
 from routing.providers import RealtimeAdapter, adapter_for
 from routing.providers.batch import BatchAdapter, batch_adapter_for
-from routing.route import RouteOptions
-from routing.store import LaneStore
+from routing.store.batches import BatchRegistry
+from routing.store.lanes import LaneStore
 
 _lock = threading.Lock()
 

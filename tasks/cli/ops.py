@@ -2,12 +2,12 @@
 
     mixbatch top [--once | --json] [--interval S]   live view: lanes, routes, batches, savings
     mixbatch health [--json] [--wait S]              0 healthy; 3 Redis down; 1 workers or beat
-    mixbatch metrics [--port N] [--once]             the Prometheus endpoint (tasks.metrics)
+    mixbatch metrics [--port N] [--once]             the Prometheus endpoint (tasks.cli.metrics)
     mixbatch flower [--address A] [--port N]         Flower, refusing a public bind without auth
 
-All of them read Redis only (``tasks.observability``), so they run anywhere the service's
+All of them read Redis only (``tasks.cli.observability``), so they run anywhere the service's
 ``MIXBATCH_*`` environment is set, and a restart of any worker changes none of their numbers.
-Errors go through the ``mixbatch`` group: one line, and the exit codes of ``tasks.cli``.
+Errors go through the ``mixbatch`` group: one line, and the exit codes of ``tasks.cli.main``.
 """
 
 from __future__ import annotations
@@ -29,10 +29,10 @@ from rich.table import Table
 from rich.text import Text
 
 from config.ops import load_ops_settings
-from routing.embedded import redact_url
 from routing.errors import MixbatchError
-from routing.store import LaneStore
-from tasks.observability import OUTCOMES, Health, Observer, Snapshot, check_health
+from routing.store.embedded import redact_url
+from routing.store.lanes import LaneStore
+from tasks.cli.observability import OUTCOMES, Health, Observer, Snapshot, check_health
 
 __all__ = ["OPS_EXAMPLES", "register_ops", "render_top"]
 
@@ -46,16 +46,16 @@ console = Console()
 err_console = Console(stderr=True)
 
 
-# ``tasks.cli`` imports this module while it registers commands, so its helpers are imported
-# when a command runs, not at import (``python -m tasks.cli`` would otherwise be circular).
+# ``tasks.cli.main`` imports this module while it registers commands, so its helpers are imported
+# when a command runs, not at import (``python -m tasks.cli.main`` would otherwise be circular).
 def _settings() -> Any:
-    from tasks.cli import _settings as load
+    from tasks.cli.main import _settings as load
 
     return load()
 
 
 def _age(seconds: float | None) -> str:
-    from tasks.cli import _age as age
+    from tasks.cli.main import _age as age
 
     return age(seconds)
 
@@ -317,7 +317,7 @@ def metrics(port: int | None, address: str | None, once: bool) -> None:
     """Serve the Prometheus endpoint (/metrics): lane depth, age and slack, requests by lane,
     route and outcome, deadline misses, batches in flight, cost and savings. Everything is
     read from Redis on each scrape, so counters survive restarts of any process."""
-    from tasks.metrics import build_registry, render_text, serve
+    from tasks.cli.metrics import build_registry, render_text, serve
 
     ops = load_ops_settings()
     observer, store = _observer()
@@ -374,6 +374,6 @@ def flower(address: str | None, port: int | None) -> None:
 
 
 def register_ops(cli: click.Group) -> None:
-    """Add the operations commands to the ``mixbatch`` group (called by ``tasks.cli``)."""
+    """Add the operations commands to the ``mixbatch`` group (called by ``tasks.cli.main``)."""
     for command in (top, health, metrics, flower):
         cli.add_command(command)

@@ -19,7 +19,6 @@ from typing import Any
 import redis
 from redis.commands.core import Script
 
-from routing.embedded import redact_url
 from routing.errors import (
     LaneFull,
     NotFound,
@@ -40,6 +39,7 @@ from routing.models import (
     Ticket,
 )
 from routing.states import FINISHED, LEASED, State
+from routing.store.embedded import redact_url
 
 log = logging.getLogger(__name__)
 

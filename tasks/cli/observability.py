@@ -1,6 +1,6 @@
 """What the operations tools read: one snapshot of the service, and a health verdict.
 
-``mixbatch top``, ``mixbatch top --json`` and the Prometheus endpoint (``tasks.metrics``) all
+``mixbatch top``, ``mixbatch top --json`` and the Prometheus endpoint (``tasks.cli.metrics``) all
 render the same ``Snapshot``, so the numbers a person watches are the numbers that alert.
 Everything in it is read from Redis on each call: counters live in the lanes' ``counts``
 hashes and the cost ledger, so they survive worker restarts and agree across processes.
@@ -27,11 +27,11 @@ from typing import Any
 from pydantic import BaseModel
 
 from config.queues import SERVICE_QUEUES
-from routing.batches import BatchRecord, BatchRegistry
 from routing.errors import ConfigError, MixbatchError, NotFound
 from routing.models import LaneSpec, LaneStats
 from routing.states import FINISHED, State
-from routing.store import LaneStore, store_errors
+from routing.store.batches import BatchRecord, BatchRegistry
+from routing.store.lanes import LaneStore, store_errors
 
 __all__ = [
     "BatchView",
