@@ -410,6 +410,32 @@ class ErrorInfo(BaseModel):
     status_code: int | None = None
 
 
+class StoredResult(BaseModel):
+    """What a finish stores with a request: built once per route, read back into ``Result``.
+
+    Every route builds this one record instead of a dict of its own, so the stored shape
+    cannot drift between the batch, realtime and local routes.
+    """
+
+    status_code: int | None = None
+    body: Any = None
+    usage: dict[str, Any] | None = None
+    error: ErrorInfo | None = None
+    provider: str | None = None
+    batch_id: str | None = None
+    provider_request_id: str | None = None
+    latency_s: float | None = None
+    truncated: bool | None = None
+    cost_usd: float | None = None
+    saved_usd: float | None = None
+    estimated_usd: float | None = None
+    priced: bool | None = None
+
+    def stored(self) -> dict[str, Any]:
+        """The JSON-ready form kept in the request's hash (absent fields left out)."""
+        return self.model_dump(mode="json", exclude_none=True)
+
+
 class Result(BaseModel):
     """A request's answer as the caller sees it; ``body`` is the provider-shaped response."""
 

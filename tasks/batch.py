@@ -19,7 +19,6 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 from config import app
 from config.settings import get_settings
@@ -36,7 +35,7 @@ from routing.decide.planner import (
 )
 from routing.decide.route import RouteOptions, batch_margin_s, batch_turnaround_s, should_hedge
 from routing.errors import MixbatchError
-from routing.models import Claimed, ErrorInfo, Prepared, Route
+from routing.models import Claimed, ErrorInfo, Prepared, Route, StoredResult
 from routing.providers.batch import BatchJob, BatchStatus, LineResult
 from routing.states import BATCH_HELD, State
 from routing.store.batches import BatchRecord, Member, group_id, split_group_id
@@ -246,7 +245,7 @@ def _create(
 
 def _fail(rid: str, token: str, info: ErrorInfo) -> None:
     if store().finish(
-        rid, token, State.FAILED, {"status_code": info.status_code, "error": info.model_dump()}
+        rid, token, State.FAILED, StoredResult(status_code=info.status_code, error=info)
     ):
         dispatch([rid])
 
@@ -448,7 +447,7 @@ class _Finishes:
 
     def __init__(self, provider: str) -> None:
         self.provider = provider
-        self.items: list[tuple[str, str, State, dict[str, Any]]] = []
+        self.items: list[tuple[str, str, State, StoredResult]] = []
         self.priced: list[tuple[Prepared, Cost] | None] = []
         self.requests: list[Prepared | None] = []
 
@@ -459,7 +458,7 @@ class _Finishes:
         self,
         m: Member,
         outcome: State,
-        result: dict[str, Any],
+        result: StoredResult,
         priced: tuple[Prepared, Cost] | None,
         request: Prepared | None,
     ) -> None:
@@ -503,19 +502,18 @@ def _apply(
     if line.ok:
         body = line.body or {}
         usage = body.get("usage")
-        result: dict[str, Any] = {
-            "status_code": line.status_code or 200,
-            "body": body,
-            "usage": usage,
-            "provider": record.provider,
-            "batch_id": record.batch_id,
-        }
+        usage = usage if isinstance(usage, dict) else None
+        result = StoredResult(
+            status_code=line.status_code or 200,
+            body=body,
+            usage=usage,
+            provider=record.provider,
+            batch_id=record.batch_id,
+        )
         priced = None
         if request is not None:
-            cost = price(
-                request, record.provider, Route.BATCH, usage if isinstance(usage, dict) else None
-            )
-            result.update(cost.model_dump())
+            cost = price(request, record.provider, Route.BATCH, usage)
+            result = result.model_copy(update=cost.model_dump())
             priced = (request, cost)
         pending.add(m, State.DONE, result, priced, request)
         return
@@ -524,13 +522,10 @@ def _apply(
         _requeue(m.id, m.token, error.model_copy(update={"retryable": True}))
         counts["requeued"] += 1
         return
-    result = {
-        "status_code": line.status_code,
-        "body": line.body,
-        "error": error.model_dump(),
-        "provider": record.provider,
-    }
-    pending.add(m, State.FAILED, result, None, request)
+    failed = StoredResult(
+        status_code=line.status_code, body=line.body, error=error, provider=record.provider
+    )
+    pending.add(m, State.FAILED, failed, None, request)
 
 
 def _collect_validation(record: BatchRecord, job: BatchJob, counts: dict[str, int]) -> None:

@@ -27,7 +27,7 @@ from config import app
 from config.queues import GPU_QUEUE
 from config.settings import get_settings
 from routing.errors import ConfigError
-from routing.models import Claimed, ErrorInfo, Route
+from routing.models import Claimed, ErrorInfo, Route, StoredResult
 from routing.states import State
 from tasks.deliver import dispatch
 from tasks.runtime import store
@@ -161,18 +161,19 @@ def gpu_batch(items: list[list[str]]) -> dict[str, int]:
         for c in started
     ]
     answers = registry().run(requests)
-    finishes: list[tuple[str, str, State, dict[str, Any]]] = []
+    finishes: list[tuple[str, str, State, StoredResult]] = []
     requeued = 0
     for claimed, answer in zip(started, answers, strict=True):
         if answer.ok:
             body = answer.body or {}
-            result = {
-                "status_code": answer.status_code,
-                "body": body,
-                "usage": body.get("usage"),
-                "provider": "local",
-                "truncated": answer.truncated,
-            }
+            usage = body.get("usage")
+            result = StoredResult(
+                status_code=answer.status_code,
+                body=body,
+                usage=usage if isinstance(usage, dict) else None,
+                provider="local",
+                truncated=answer.truncated,
+            )
             finishes.append((claimed.id, claimed.token, State.DONE, result))
             continue
         error = answer.error or {"code": "error", "message": "no answer"}
@@ -191,11 +192,7 @@ def gpu_batch(items: list[list[str]]) -> dict[str, int]:
                 claimed.id,
                 claimed.token,
                 State.FAILED,
-                {
-                    "status_code": answer.status_code,
-                    "error": info.model_dump(),
-                    "provider": "local",
-                },
+                StoredResult(status_code=answer.status_code, error=info, provider="local"),
             )
         )
     won = st.finish_many(finishes)

@@ -10,7 +10,7 @@ from config import app
 from config.settings import get_settings
 from routing.decide.backoff import backoff_s
 from routing.errors import MixbatchError, NotFound, ProviderError
-from routing.models import Claimed, ErrorInfo, Route
+from routing.models import Claimed, ErrorInfo, Route, StoredResult
 from routing.providers import call_with_retries
 from routing.states import State
 from routing.store.semaphore import RedisSemaphore
@@ -74,12 +74,7 @@ def run_one(provider: str, claimed: Claimed, budget_s: float) -> State | None:
             claimed.id,
             claimed.token,
             State.FAILED,
-            {
-                "status_code": info.status_code,
-                "body": body,
-                "error": info.model_dump(),
-                "provider": provider,
-            },
+            StoredResult(status_code=info.status_code, body=body, error=info, provider=provider),
         )
         return State.FAILED if ok else None
     observations().record_realtime(  # learned route choice: latency and rate-limit headroom
@@ -95,15 +90,15 @@ def run_one(provider: str, claimed: Claimed, budget_s: float) -> State | None:
         claimed.id,
         claimed.token,
         State.DONE,
-        {
-            "status_code": resp.status_code,
-            "body": resp.body,
-            "usage": usage,
-            "provider": provider,
-            "provider_request_id": resp.provider_request_id,
-            "latency_s": resp.latency_s,
+        StoredResult(
+            status_code=resp.status_code,
+            body=resp.body,
+            usage=usage if isinstance(usage, dict) else None,
+            provider=provider,
+            provider_request_id=resp.provider_request_id,
+            latency_s=resp.latency_s,
             **cost.model_dump(),
-        },
+        ),
     )
     if ok:
         record_cost(st, req, Route.REALTIME, cost)

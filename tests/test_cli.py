@@ -24,7 +24,7 @@ import pytest
 from click.testing import CliRunner, Result
 
 from config.settings import reset_settings
-from routing.models import ServiceConfig
+from routing.models import ServiceConfig, StoredResult
 from routing.sandbox import expected_reply
 from routing.states import State
 from routing.store.lanes import LaneStore
@@ -217,7 +217,9 @@ def test_submit_wait_returns_the_answers(invoke: Invoke, store: LaneStore, batch
         while done < 3 and not stop.is_set():
             for claimed in store.claim("bulk", 10, lease_s=60):
                 answer = {"status_code": 200, "body": {"echo": claimed.request.custom_id}}
-                assert store.finish(claimed.id, claimed.token, State.DONE, answer)
+                assert store.finish(
+                    claimed.id, claimed.token, State.DONE, StoredResult.model_validate(answer)
+                )
                 done += 1
             time.sleep(0.02)
 
@@ -581,8 +583,15 @@ def finished(invoke: Invoke, store: LaneStore, batch3: Path) -> dict[str, Any]:
     }
     error = {"code": "invalid_request", "message": "the provider refused it"}
     one, two = claimed[ids["doc-1"]], claimed[ids["doc-2"]]
-    assert store.finish(one.id, one.token, State.DONE, {"status_code": 200, "body": body})
-    assert store.finish(two.id, two.token, State.FAILED, {"error": error})
+    assert store.finish(
+        one.id,
+        one.token,
+        State.DONE,
+        StoredResult.model_validate({"status_code": 200, "body": body}),
+    )
+    assert store.finish(
+        two.id, two.token, State.FAILED, StoredResult.model_validate({"error": error})
+    )
     return {"ids": ids, "body": body, "error": error}
 
 

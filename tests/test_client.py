@@ -28,7 +28,7 @@ from routing.client import (
     UnknownEndpoint,
     UnknownLane,
 )
-from routing.models import LaneSpec, ServiceConfig
+from routing.models import LaneSpec, ServiceConfig, StoredResult
 from routing.store.embedded import free_port
 from routing.store.lanes import LaneStore
 
@@ -52,7 +52,12 @@ def work(store: LaneStore, lane: str, body: dict[str, Any], delay_s: float = 0.0
     """Be the worker: claim one request of ``lane`` and answer it."""
     time.sleep(delay_s)
     [claimed] = store.claim(lane, 1, lease_s=30)
-    assert store.finish(claimed.id, claimed.token, State.DONE, {"status_code": 200, "body": body})
+    assert store.finish(
+        claimed.id,
+        claimed.token,
+        State.DONE,
+        StoredResult.model_validate({"status_code": 200, "body": body}),
+    )
     return claimed.id
 
 

@@ -22,7 +22,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from config.ops import reset_ops_settings
 from config.settings import reset_settings
-from routing.models import Request, Route, ServiceConfig, prepare
+from routing.models import Request, Route, ServiceConfig, StoredResult, prepare
 from routing.states import State
 from routing.store.batches import BatchRecord, BatchRegistry, Member
 from routing.store.lanes import LaneStore
@@ -74,7 +74,9 @@ def finish_one(
     [claimed] = store.claim(lane, 1, lease_s=60, now=now)
     assert store.start(claimed, state=State.RUNNING, route=route, lease_s=60, now=now)
     at = prepared.deadline + 5 if late else now + 1
-    assert store.finish(ticket.id, claimed.token, outcome, {"body": {}}, now=at)
+    assert store.finish(
+        ticket.id, claimed.token, outcome, StoredResult.model_validate({"body": {}}), now=at
+    )
     if outcome is State.DONE:
         record_cost(
             store,

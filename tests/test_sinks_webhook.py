@@ -28,6 +28,7 @@ from routing.models import (
     Request,
     Result,
     ServiceConfig,
+    StoredResult,
     WebhookCallback,
     coerce_request,
     prepare,
@@ -91,7 +92,9 @@ def finished(
         "usage": {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5},
         "provider": "sandbox",
     }
-    assert store.finish(ticket.id, claimed.token, State.DONE, stored, now=now + 0.5)
+    assert store.finish(
+        ticket.id, claimed.token, State.DONE, StoredResult.model_validate(stored), now=now + 0.5
+    )
     return ticket.id
 
 

@@ -27,6 +27,7 @@ from routing.models import (
     Request,
     Route,
     ServiceConfig,
+    StoredResult,
     Ticket,
     prepare,
 )
@@ -210,7 +211,13 @@ def test_a_duplicate_of_a_finished_request_returns_it(
 ) -> None:
     first = submit(store, service_config, now, custom_id="doc-1")
     claimed = claim_one(store, "standard", now)
-    assert store.finish(first.id, claimed.token, State.DONE, {"body": {"ok": 1}}, now=now)
+    assert store.finish(
+        first.id,
+        claimed.token,
+        State.DONE,
+        StoredResult.model_validate({"body": {"ok": 1}}),
+        now=now,
+    )
     again = submit(store, service_config, now + 5, custom_id="doc-1")
     assert (again.id, again.duplicate) == (first.id, True)
     assert store.status(first.id).state is State.DONE
@@ -396,10 +403,20 @@ def test_start_and_finish_need_the_lease_token(
     assert state_of(store, ticket.id) is State.RUNNING
     assert store.status(ticket.id).route is Route.GPU
 
-    assert not store.finish(ticket.id, "not-the-token", State.DONE, {"body": {}}, now=now)
+    assert not store.finish(
+        ticket.id, "not-the-token", State.DONE, StoredResult.model_validate({"body": {}}), now=now
+    )
     assert store.result(ticket.id) is None
-    assert store.finish(ticket.id, claimed.token, State.DONE, {"body": {"a": 1}}, now=now)
-    assert not store.finish(ticket.id, claimed.token, State.FAILED, {}, now=now), "only once"
+    assert store.finish(
+        ticket.id,
+        claimed.token,
+        State.DONE,
+        StoredResult.model_validate({"body": {"a": 1}}),
+        now=now,
+    )
+    assert not store.finish(
+        ticket.id, claimed.token, State.FAILED, StoredResult.model_validate({}), now=now
+    ), "only once"
     result = store.result(ticket.id)
     assert result is not None and result.status is State.DONE and result.body == {"a": 1}
     check_counts(store)
@@ -407,7 +424,7 @@ def test_start_and_finish_need_the_lease_token(
 
 def test_finish_refuses_a_non_outcome(store: LaneStore) -> None:
     with pytest.raises(ValueError, match="not an outcome"):
-        store.finish("standard.X", "t", State.RUNNING, {})
+        store.finish("standard.X", "t", State.RUNNING, StoredResult.model_validate({}))
 
 
 def test_submitted_drops_the_lease(
@@ -419,7 +436,13 @@ def test_submitted_drops_the_lease(
     assert state_of(store, ticket.id) is State.SUBMITTED
     assert store.expired_leases("standard", now + 1000) == []
     assert store.lane_stats("standard").leased == 0
-    assert store.finish(ticket.id, claimed.token, State.DONE, {"body": {}}, now=now + 50)
+    assert store.finish(
+        ticket.id,
+        claimed.token,
+        State.DONE,
+        StoredResult.model_validate({"body": {}}),
+        now=now + 50,
+    )
 
 
 def test_a_late_answer_after_the_sweeper_requeued_does_not_count(
@@ -440,7 +463,13 @@ def test_a_late_answer_after_the_sweeper_requeued_does_not_count(
     assert (status.state, status.attempts, status.error) == (State.QUEUED, 0, BOOM)
 
     # The old worker wakes up and answers: refused at every step.
-    assert not store.finish(ticket.id, old.token, State.DONE, {"body": {"late": 1}}, now=now + 12)
+    assert not store.finish(
+        ticket.id,
+        old.token,
+        State.DONE,
+        StoredResult.model_validate({"body": {"late": 1}}),
+        now=now + 12,
+    )
     assert not store.start(old, state=State.RUNNING, route=Route.GPU, lease_s=10, now=now + 12)
     assert store.requeue(ticket.id, old.token, BOOM, now=now + 12) is None
     assert store.result(ticket.id) is None
@@ -449,8 +478,20 @@ def test_a_late_answer_after_the_sweeper_requeued_does_not_count(
     new = claim_one(store, "standard", now + 13)
     assert (new.id, new.attempts) == (ticket.id, 1)
     assert new.token != old.token
-    assert not store.finish(ticket.id, old.token, State.DONE, {"body": {"late": 1}}, now=now + 14)
-    assert store.finish(ticket.id, new.token, State.DONE, {"body": {"new": 1}}, now=now + 14)
+    assert not store.finish(
+        ticket.id,
+        old.token,
+        State.DONE,
+        StoredResult.model_validate({"body": {"late": 1}}),
+        now=now + 14,
+    )
+    assert store.finish(
+        ticket.id,
+        new.token,
+        State.DONE,
+        StoredResult.model_validate({"body": {"new": 1}}),
+        now=now + 14,
+    )
     result = store.result(ticket.id)
     assert result is not None and result.body == {"new": 1} and result.attempts == 1
     check_counts(store)
@@ -472,7 +513,7 @@ def test_expired_leases_lists_only_expired_ones(
     assert store.expired_leases("standard", now + 50, limit=1) == [c.id]
     # A renewed lease is no longer expired; a finished request has none.
     assert store.start(cc, state=State.RUNNING, route=Route.GPU, lease_s=100, now=now + 4)
-    assert store.finish(a.id, ca.token, State.DONE, {}, now=now + 5)
+    assert store.finish(a.id, ca.token, State.DONE, StoredResult.model_validate({}), now=now + 5)
     assert store.expired_leases("standard", now + 50) == []
     assert store.expired_leases("standard", now + 1000) == [b.id, c.id]
     assert store.expired_leases("bulk", now + 1000) == []
@@ -637,7 +678,13 @@ def test_cancel_a_leased_request_refuses_the_worker(
     assert store.lane_stats("standard").leased == 0
     assert store.expired_leases("standard", now + 1000) == []
 
-    assert not store.finish(ticket.id, claimed.token, State.DONE, {"body": {"x": 1}}, now=now)
+    assert not store.finish(
+        ticket.id,
+        claimed.token,
+        State.DONE,
+        StoredResult.model_validate({"body": {"x": 1}}),
+        now=now,
+    )
     assert not store.start(claimed, state=State.RUNNING, route=Route.GPU, lease_s=5, now=now)
     assert store.requeue(ticket.id, claimed.token, BOOM, now=now) is None
     result = store.result(ticket.id)
@@ -650,7 +697,13 @@ def test_cancel_a_finished_request_is_a_no_op(
 ) -> None:
     ticket = submit(store, service_config, now)
     claimed = claim_one(store, "standard", now)
-    store.finish(ticket.id, claimed.token, State.DONE, {"body": {"a": 1}}, now=now)
+    store.finish(
+        ticket.id,
+        claimed.token,
+        State.DONE,
+        StoredResult.model_validate({"body": {"a": 1}}),
+        now=now,
+    )
     assert store.cancel(ticket.id, now=now) is State.DONE
     result = store.result(ticket.id)
     assert result is not None and result.status is State.DONE and result.body == {"a": 1}
@@ -688,7 +741,9 @@ def test_the_result_is_stored_with_the_outcome(
         "usage": {"total_tokens": 7},
         "provider": "openai",
     }
-    assert store.finish(ticket.id, claimed.token, State.DONE, answer, now=now + 2)
+    assert store.finish(
+        ticket.id, claimed.token, State.DONE, StoredResult.model_validate(answer), now=now + 2
+    )
     result = store.result(ticket.id)
     assert result is not None
     assert result.ok and result.status is State.DONE
@@ -732,7 +787,13 @@ def test_no_reader_ever_sees_an_outcome_without_its_result(
     thread.start()
     try:
         for c in claimed:
-            store.finish(c.id, c.token, State.DONE, {"body": {"id": c.id}}, now=now)
+            store.finish(
+                c.id,
+                c.token,
+                State.DONE,
+                StoredResult.model_validate({"body": {"id": c.id}}),
+                now=now,
+            )
     finally:
         stop.set()
         thread.join()
@@ -750,9 +811,19 @@ def test_results_lists_finished_requests_oldest_first(
     claims = {c.id: c for c in store.claim("standard", 2, lease_s=60, now=now)}
     assert set(claims) == {done.id, failed.id}
     store.finish(
-        failed.id, claims[failed.id].token, State.FAILED, {"error": BOOM.model_dump()}, now=now + 1
+        failed.id,
+        claims[failed.id].token,
+        State.FAILED,
+        StoredResult.model_validate({"error": BOOM.model_dump()}),
+        now=now + 1,
     )
-    store.finish(done.id, claims[done.id].token, State.DONE, {"body": {"ok": 1}}, now=now + 2)
+    store.finish(
+        done.id,
+        claims[done.id].token,
+        State.DONE,
+        StoredResult.model_validate({"body": {"ok": 1}}),
+        now=now + 2,
+    )
     store.cancel(cancelled.id, now=now + 3)
     store.cancel(other_lane.id, now=now + 4)
 
@@ -785,7 +856,9 @@ def test_results_prunes_entries_whose_request_expired(
 
 def _finish_later(store: LaneStore, claimed: Claimed, delay_s: float) -> None:
     time.sleep(delay_s)
-    store.finish(claimed.id, claimed.token, State.DONE, {"body": {"ok": True}})
+    store.finish(
+        claimed.id, claimed.token, State.DONE, StoredResult.model_validate({"body": {"ok": True}})
+    )
 
 
 def test_wait_returns_when_another_thread_finishes(
@@ -834,7 +907,12 @@ def test_wait_wakes_every_waiter(store: LaneStore, service_config: ServiceConfig
         time.sleep(0.2)
         assert not any(w.done() for w in waiters)
         started = time.monotonic()
-        store.finish(ticket.id, claimed.token, State.DONE, {"body": {"ok": True}})
+        store.finish(
+            ticket.id,
+            claimed.token,
+            State.DONE,
+            StoredResult.model_validate({"body": {"ok": True}}),
+        )
         results = [w.result(timeout=5) for w in waiters]
         elapsed = time.monotonic() - started
     assert all(r.status is State.DONE for r in results)
@@ -896,7 +974,13 @@ def test_a_late_finish_counts_a_deadline_miss(
 ) -> None:
     ticket = submit(store, service_config, now, deadline=now + 10)
     claimed = claim_one(store, "standard", now)
-    store.finish(ticket.id, claimed.token, State.DONE, {"body": {}}, now=now + 11)
+    store.finish(
+        ticket.id,
+        claimed.token,
+        State.DONE,
+        StoredResult.model_validate({"body": {}}),
+        now=now + 11,
+    )
     assert store.lane_stats("standard").counts["deadline_misses"] == 1
     result = store.result(ticket.id)
     assert result is not None and result.missed_deadline
@@ -908,7 +992,13 @@ def test_a_late_finish_counts_a_deadline_miss(
 def _finished(store: LaneStore, config: ServiceConfig, now: float) -> str:
     ticket = submit(store, config, now)
     claimed = claim_one(store, "standard", now)
-    assert store.finish(ticket.id, claimed.token, State.DONE, {"body": {"ok": 1}}, now=now)
+    assert store.finish(
+        ticket.id,
+        claimed.token,
+        State.DONE,
+        StoredResult.model_validate({"body": {"ok": 1}}),
+        now=now,
+    )
     return ticket.id
 
 
@@ -1044,7 +1134,11 @@ def test_every_transition_keeps_counts_and_follows_the_table(
     c0, c1, c2 = (claims[rid] for rid in ids[:3])
     assert set(claims) == set(ids[:5])
     step(lambda: store.start(c0, state=State.RUNNING, route=Route.GPU, lease_s=10, now=now))
-    step(lambda: store.finish(ids[0], c0.token, State.DONE, {"body": {}}, now=now))
+    step(
+        lambda: store.finish(
+            ids[0], c0.token, State.DONE, StoredResult.model_validate({"body": {}}), now=now
+        )
+    )
     step(lambda: store.start(c1, state=State.SUBMITTED, route=Route.BATCH, lease_s=None, now=now))
     step(lambda: store.requeue(ids[1], c1.token, BOOM, now=now))
     step(lambda: store.requeue(ids[2], c2.token, BOOM, ready_at=now + 5, now=now))
@@ -1055,7 +1149,11 @@ def test_every_transition_keeps_counts_and_follows_the_table(
     again = {c.id: c for c in store.claim("standard", 10, lease_s=10, now=now + 20)}
     assert set(again) == {ids[1], ids[2], ids[4]}
     step(lambda: None)
-    step(lambda: store.finish(ids[1], again[ids[1]].token, State.FAILED, {}, now=now + 21))
+    step(
+        lambda: store.finish(
+            ids[1], again[ids[1]].token, State.FAILED, StoredResult.model_validate({}), now=now + 21
+        )
+    )
     step(lambda: store.requeue(ids[2], again[ids[2]].token, BOOM, now=now + 21))
     step(lambda: store.delivered(ids[0], now=now + 22))
     step(lambda: store.dead_letter(ids[3], BOOM, now=now + 22))
@@ -1104,7 +1202,9 @@ def test_every_script_touches_one_slot_per_lane(
         )
         c1, c2, c3 = store.claim(lane, 3, lease_s=10, now=now)
         store.start(c1, state=State.RUNNING, route=Route.GPU, lease_s=10, now=now)
-        store.finish(c1.id, c1.token, State.DONE, {"body": {}}, now=now)
+        store.finish(
+            c1.id, c1.token, State.DONE, StoredResult.model_validate({"body": {}}), now=now
+        )
         store.requeue(c2.id, c2.token, BOOM, now=now)
         store.cancel(c3.id, now=now)
         store.claim_delivery(c1.id, lease_s=5, now=now)

@@ -36,6 +36,7 @@ from routing.models import (
     Route,
     ServiceConfig,
     StatusInfo,
+    StoredResult,
     Ticket,
 )
 from routing.states import FINISHED, LEASED, State
@@ -464,7 +465,7 @@ class LaneStore:
         request_id: str,
         token: str,
         outcome: State,
-        result: dict[str, Any],
+        result: StoredResult,
         *,
         now: float | None = None,
     ) -> bool:
@@ -472,7 +473,7 @@ class LaneStore:
         return self.finish_many([(request_id, token, outcome, result)], now=now)[0]
 
     def finish_many(
-        self, items: Sequence[tuple[str, str, State, dict[str, Any]]], *, now: float | None = None
+        self, items: Sequence[tuple[str, str, State, StoredResult]], *, now: float | None = None
     ) -> list[bool]:
         """``finish`` for many (id, token, outcome, result) in one pipelined round trip."""
         now = time.time() if now is None else now
@@ -496,7 +497,7 @@ class LaneStore:
                         request_id,
                         token,
                         outcome.value,
-                        _dumps(result),
+                        _dumps(result.stored()),
                         repr(now),
                         self.result_ttl_s,
                         *froms,
@@ -546,7 +547,7 @@ class LaneStore:
                 request_id,
                 token,
                 State.FAILED,
-                {"status_code": error.status_code, "error": final.model_dump()},
+                StoredResult(status_code=error.status_code, error=final),
                 now=now,
             )
             return State.FAILED if ok else None
