@@ -50,7 +50,8 @@ from celery import Celery
 from routing.client import Client
 from routing.decide.lanes import parse_lanes
 from routing.models import ServiceConfig
-from routing.store.embedded import EmbeddedRedis, redact_url
+from routing.store.base import redact_url
+from routing.store.embedded import EmbeddedRedis
 
 ROOT = Path(__file__).resolve().parent.parent
 LANE = "bulk"

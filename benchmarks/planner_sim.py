@@ -2,9 +2,9 @@
 
 A discrete-event simulation (an event heap plus the aggregator's beat as a 2 s tick; no sleeps)
 that drives mixbatch's *real* decision code: ``routing.decide.route.decide`` (route choice),
-``routing.decide.route.learn`` and ``routing.decide.estimates`` (what is learned from observations),
-``routing.decide.planner.should_flush`` (a group waits to fill only while its deadline allows),
-``routing.decide.route.should_hedge`` (re-route the requests of a late batch) and
+``routing.decide.options.learn`` and ``routing.decide.estimates`` (what is learned from observations),
+``routing.decide.flush.should_flush`` (a group waits to fill only while its deadline allows),
+``routing.decide.hedge.should_hedge`` (re-route the requests of a late batch) and
 ``routing.decide.route.request_costs`` / ``routing.decide.cost`` (prices). Only the world is simulated: the
 traffic, the providers' batch turnaround, realtime latency and rate limits, and a GPU.
 
@@ -63,18 +63,13 @@ from typing import Any
 import numpy as np
 
 from routing.decide.cost import parse_prices
-from routing.decide.estimates import GpuObs, Headroom, LatencyObs, Observations, TurnaroundObs
+from routing.decide.estimates import GpuObs, LatencyObs, Observations, TurnaroundObs
+from routing.decide.flush import should_flush
+from routing.decide.hedge import batch_margin_s, batch_turnaround_s, hedge_alternative_s
 from routing.decide.lanes import parse_lanes
-from routing.decide.planner import should_flush
-from routing.decide.route import (
-    RouteOptions,
-    batch_margin_s,
-    batch_turnaround_s,
-    decide,
-    hedge_alternative_s,
-    learn,
-    request_costs,
-)
+from routing.decide.options import RouteOptions, learn
+from routing.decide.ratelimit import Headroom
+from routing.decide.route import decide, request_costs
 from routing.models import Endpoint, Request, Route, ServiceConfig, prepare
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -5,11 +5,12 @@ dedupe, chunk within the provider's caps) and streams each batch's file to a tem
 before uploading it. This measures that pure part alone, on synthetic claimed requests, for
 several chunk sizes (``target_bytes``):
 
-1. throughput: requests/s of ``plan_batches`` plus writing every batch's JSONL (OpenAI) or
-   create body (Anthropic) into a ``tempfile``, the garbage collector on, median of
-   ``--repeat`` runs; timed without tracemalloc, which slows allocation severalfold. Wall-clock
-   req/s is the goal's figure; req per CPU-second is printed beside it because on a shared
-   machine other processes' load shows in the first and hardly in the second;
+1. throughput: requests/s of ``plan_batches`` plus writing every batch's input file (the
+   adapters' ``write_input``: OpenAI JSONL, Anthropic create items) into a ``tempfile``, the
+   garbage collector on, median of ``--repeat`` runs; timed without tracemalloc, which slows
+   allocation severalfold. Wall-clock req/s is the goal's figure; req per CPU-second is printed
+   beside it because on a shared machine other processes' load shows in the first and hardly
+   in the second;
 2. memory: with tracemalloc, the peak while planning, what the plan keeps (its fanout and id
    lists: per request, not per chunk), and the peak while building the files, which is what
    must stay bounded by the chunk: the builders hold one line at a time.
@@ -49,13 +50,13 @@ from routing.decide.planner import (
     BatchProtocol,
     Plan,
     PlannedBatch,
+    file_overhead,
     plan_batches,
-    write_anthropic_body,
-    write_openai_jsonl,
 )
 from routing.decide.route import provider_for
 from routing.keys import new_request_id
 from routing.models import Claimed, Endpoint, Prepared
+from routing.providers.batch import batch_adapter_class
 
 MIB = 1024 * 1024
 THROUGHPUT_GOAL = 50_000.0
@@ -144,10 +145,9 @@ def plan(items: list[Claimed], target_bytes: int) -> Plan:
 
 def build(batch: PlannedBatch, lookup: Callable[[str], Prepared]) -> int:
     """Write one batch's file as the submit task would: into a temporary file on disk."""
-    write = write_openai_jsonl if batch.protocol == "openai" else write_anthropic_body
     with tempfile.TemporaryFile() as fh:
-        written = write(batch, lookup, fh)
-    if written != batch.estimated_bytes:
+        written = batch_adapter_class(batch.protocol).write_input(batch, lookup, fh)
+    if written + file_overhead(batch.protocol) != batch.estimated_bytes:
         raise RuntimeError(f"batch {batch.key}: wrote {written}, planned {batch.estimated_bytes}")
     return written
 

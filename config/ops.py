@@ -32,6 +32,7 @@ from typing import Any, Literal
 from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from routing.decide.tables import settings_error
 from routing.errors import ConfigError
 
 __all__ = [
@@ -87,10 +88,7 @@ def load_ops_settings() -> OpsSettings:
     try:
         return OpsSettings()
     except ValidationError as exc:
-        first = exc.errors()[0]
-        name = "MIXBATCH_" + ".".join(str(p) for p in first["loc"]).upper()
-        shown = "" if "auth" in name.lower() else f" (got {first.get('input')!r})"
-        raise ConfigError(f"{name}: {first['msg']}{shown}") from None
+        raise settings_error(exc) from None
 
 
 @functools.cache

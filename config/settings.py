@@ -109,6 +109,9 @@ class Settings(BaseSettings):
     gpu_models_file: Path = Field(
         default=Path(__file__).with_name("models.toml"), description="local models table"
     )
+    gpu_device: str | None = Field(
+        default=None, description="torch device of the gpu worker (cpu, cuda:1); unset: cuda if any"
+    )
     gpu_chunk: int = Field(default=64, gt=0, description="requests per gpu_batch message")
 
     delivery_max_attempts: int = Field(default=8, ge=1)

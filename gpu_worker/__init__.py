@@ -2,12 +2,14 @@
 
 Needs no Celery and no Redis: ``tasks/`` wires it to the lane store. Layout:
 
-- ``config``: the models table (config/models.toml), the device and dtype, chosen once;
+- ``config``: the models table (config/models.toml, read without torch), the device and dtype;
 - ``packer``: pure packing of inputs into micro-batches (EDF, length buckets, token budget);
-- ``backends``: tokenise / forward / postprocess per kind of model;
+- ``backends``: one module per kind of model (embedding, classification, generation) on a
+  shared ``base``: tokenise / forward / postprocess;
 - ``engine``: the micro-batcher around one model (``Engine.run``, ``Engine.stats``);
 - ``registry``: model names to engines, loaded once per process;
 - ``errors``: the per-request ``RequestError`` (and ``UnknownModel``) in mixbatch's error tree.
 
-Importing this package imports neither torch nor transformers; the modules above do.
+Importing this package, ``config``, ``packer`` or ``errors`` imports neither torch nor
+transformers; ``backends``, ``engine`` and ``registry`` do.
 """

@@ -8,20 +8,25 @@ network as on one with it.
 
 Every name a request may use (the entry's name and its ``aliases``) is a key of the table that
 ``parse_models`` returns, each mapping to the one ``ModelSpec``.
+
+Reading the table needs no torch (every service worker reads it to know which models the local
+route serves, through ``served_models``); torch is imported only where a device or dtype is
+chosen.
 """
 
 from __future__ import annotations
 
 import importlib
-import re
-import tomllib
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from routing.decide.tables import TableFile
 from routing.errors import ConfigError
+
+if TYPE_CHECKING:
+    import torch
 
 Kind = Literal["embedding", "classification", "generation"]
 DType = Literal["auto", "float32", "float16", "bfloat16"]
@@ -84,16 +89,6 @@ class ModelSpec(BaseModel):
         return directory
 
 
-def _line_of(text: str, name: str) -> int | None:
-    pattern = re.compile(
-        rf"^\s*\[\s*models\.(\"{re.escape(name)}\"|'{re.escape(name)}'|{re.escape(name)})\s*\]"
-    )
-    for number, line in enumerate(text.splitlines(), start=1):
-        if pattern.match(line):
-            return number
-    return None
-
-
 def parse_models(
     text: str, source: str = "models.toml", base_dir: Path | None = None
 ) -> dict[str, ModelSpec]:
@@ -102,47 +97,36 @@ def parse_models(
     Keys are every name a request may use, aliases included. Relative paths are taken from
     ``base_dir`` (the table's directory) so a table means the same from any working directory.
     """
-    try:
-        doc = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{source}: not valid TOML: {exc}") from None
-    table = doc.get("models")
-    if not isinstance(table, dict) or not table:
-        raise ConfigError(f'{source}: needs at least one [models."NAME"] table')
     served: dict[str, ModelSpec] = {}
-    for name, raw in table.items():
-        where = f"{source}, line {_line_of(text, name) or '?'} ([models.{name!r}])"
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{where}: must be a table")
-        fields: dict[str, Any] = dict(raw)
-        if "aliases" in fields and isinstance(fields["aliases"], list):
+    for table in TableFile(text, source).tables("models", 'models."NAME"'):
+        fields: dict[str, Any] = {**table.fields, "name": table.name}
+        if isinstance(fields.get("aliases"), list):
             fields["aliases"] = tuple(fields["aliases"])
         path = fields.get("path")
         if isinstance(path, str) and base_dir is not None and not Path(path).is_absolute():
             fields["path"] = str(base_dir / path)
-        try:
-            spec = ModelSpec(name=name, **fields)
-        except ValidationError as exc:
-            first = exc.errors()[0]
-            field = ".".join(str(p) for p in first["loc"]) or "entry"
-            raise ConfigError(f"{where}: {field}: {first['msg']}") from None
+        spec = table.build(ModelSpec, fields)
         for key in (spec.name, *spec.aliases):
             if key in served:
-                raise ConfigError(
-                    f"{where}: name {key!r} is already served by {served[key].name!r}"
-                )
+                raise table.error(f"name {key!r} is already served by {served[key].name!r}")
             served[key] = spec
     return served
 
 
-def load_models(path: Path | None = None) -> dict[str, ModelSpec]:
+def load_models(path: Path | str | None = None) -> dict[str, ModelSpec]:
     """The table at ``path`` (default: config/models.toml beside this package)."""
-    path = path or DEFAULT_MODELS_FILE
+    path = Path(path or DEFAULT_MODELS_FILE)
     try:
         text = path.read_text()
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read the models table ({exc})") from None
     return parse_models(text, source=str(path), base_dir=path.parent)
+
+
+def served_models(path: Path | str | None = None) -> frozenset[str]:
+    """Every name (aliases included) the table at ``path`` serves: validated, without torch, so
+    a service worker can route to the local route without loading it."""
+    return frozenset(load_models(path))
 
 
 def pick_device(override: str | None = None) -> torch.device:
@@ -151,6 +135,8 @@ def pick_device(override: str | None = None) -> torch.device:
     An override naming a GPU that is not there is an error rather than a silent CPU fallback:
     a worker that believes it has a GPU would publish throughput it cannot deliver.
     """
+    import torch
+
     if not override:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -173,6 +159,8 @@ def pick_device(override: str | None = None) -> torch.device:
 
 def pick_dtype(dtype: DType, device: torch.device) -> torch.dtype:
     """``auto`` is bf16 on a CUDA device that has it, else fp16 on CUDA, and fp32 on the CPU."""
+    import torch
+
     if dtype != "auto":
         chosen: torch.dtype = getattr(torch, dtype)
         return chosen

@@ -41,7 +41,8 @@ from typing import Any, TypedDict
 
 import torch
 
-from gpu_worker.backends import Job, Piece, load_backend
+from gpu_worker.backends import load_backend
+from gpu_worker.backends.base import Job, Piece
 from gpu_worker.config import ModelSpec
 from gpu_worker.errors import ConfigError, RequestError
 from gpu_worker.packer import Item, pack

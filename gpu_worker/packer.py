@@ -27,6 +27,7 @@ import bisect
 import math
 from collections.abc import Hashable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import NotRequired, TypedDict, Unpack
 
 MAX_PADDING = 0.1
 """A batch grows only while its padding stays at most this share of its padded tokens."""
@@ -151,48 +152,22 @@ def iter_batches(
         yield [items[order[rank]] for _, rank in chosen]
 
 
-def pack(
-    items: Sequence[Item],
-    *,
-    max_batch_tokens: int,
-    max_batch_size: int,
-    now: float,
-    max_padding: float = MAX_PADDING,
-    slack: float = SLACK,
-    min_slack_s: float = MIN_SLACK_S,
-) -> list[list[Item]]:
+class Budget(TypedDict):
+    """``iter_batches``' knobs, so ``pack`` and ``next_batch`` take exactly the same ones."""
+
+    max_batch_tokens: int
+    max_batch_size: int
+    now: float
+    max_padding: NotRequired[float]
+    slack: NotRequired[float]
+    min_slack_s: NotRequired[float]
+
+
+def pack(items: Sequence[Item], **budget: Unpack[Budget]) -> list[list[Item]]:
     """Every item in exactly one batch, batches in the order they should run."""
-    return list(
-        iter_batches(
-            items,
-            max_batch_tokens=max_batch_tokens,
-            max_batch_size=max_batch_size,
-            now=now,
-            max_padding=max_padding,
-            slack=slack,
-            min_slack_s=min_slack_s,
-        )
-    )
+    return list(iter_batches(items, **budget))
 
 
-def next_batch(
-    items: Sequence[Item],
-    *,
-    max_batch_tokens: int,
-    max_batch_size: int,
-    now: float,
-    max_padding: float = MAX_PADDING,
-    slack: float = SLACK,
-    min_slack_s: float = MIN_SLACK_S,
-) -> list[Item]:
+def next_batch(items: Sequence[Item], **budget: Unpack[Budget]) -> list[Item]:
     """The batch to run now (empty when nothing waits)."""
-    batches = iter_batches(
-        items,
-        max_batch_tokens=max_batch_tokens,
-        max_batch_size=max_batch_size,
-        now=now,
-        max_padding=max_padding,
-        slack=slack,
-        min_slack_s=min_slack_s,
-    )
-    return next(batches, [])
+    return next(iter_batches(items, **budget), [])

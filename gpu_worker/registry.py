@@ -10,13 +10,14 @@ from __future__ import annotations
 import threading
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from gpu_worker.config import ModelSpec, load_models, pick_device
 from gpu_worker.engine import Engine, LocalAnswer, LocalRequest
 from gpu_worker.errors import RequestError, UnknownModel
+
+if TYPE_CHECKING:
+    import torch
 
 
 class Registry:

@@ -1,4 +1,4 @@
 """Decisions and outward adapters: request models, lanes, the route choice, providers, sinks.
 
-Imports nothing of ``config``, ``tasks`` or ``gpu_worker`` (see DESIGN.md: imports run one way).
+Imports nothing of ``config``, ``tasks`` or ``gpu_worker`` (docs/architecture.md: one-way imports).
 """

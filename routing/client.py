@@ -25,6 +25,7 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
+from routing.callbacks import CeleryCallback
 from routing.errors import (
     BodyTooLarge,
     ConfigError,
@@ -40,7 +41,6 @@ from routing.errors import (
     UnknownLane,
 )
 from routing.models import (
-    CeleryCallback,
     Endpoint,
     Prepared,
     Request,
@@ -53,7 +53,7 @@ from routing.models import (
     prepare,
 )
 from routing.states import State
-from routing.store.embedded import redact_url
+from routing.store.base import redact_url
 from routing.store.lanes import LaneStore
 
 __all__ = [
@@ -192,9 +192,9 @@ class Client:
             try:
                 tickets.extend(self.store.submit_many(chunk, config))
             except LaneFull as exc:
-                exc.accepted = tickets + exc.accepted  # type: ignore[attr-defined]
+                exc.accepted = tickets + exc.accepted
                 later = range(start + len(chunk), len(prepared))
-                exc.rejected = [start + i for i in exc.rejected] + list(later)  # type: ignore[attr-defined]
+                exc.rejected = [start + i for i in exc.rejected] + list(later)
                 raise
             if on_progress is not None:
                 on_progress(len(chunk))

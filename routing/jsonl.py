@@ -12,6 +12,7 @@ from typing import IO, Any
 
 from pydantic import BaseModel, ConfigDict, PrivateAttr, ValidationError
 
+from routing.decide.tables import first_error
 from routing.errors import MalformedInput
 from routing.models import ENDPOINTS, Result
 
@@ -49,9 +50,8 @@ def parse_batch_lines(lines: Iterable[str], source: str = "input") -> list[Batch
         try:
             line = BatchLine.model_validate(obj)
         except ValidationError as exc:
-            first = exc.errors()[0]
-            field = ".".join(str(p) for p in first["loc"])
-            raise MalformedInput(f"{field}: {first['msg']}", line=number, source=source) from None
+            field, message = first_error(exc)
+            raise MalformedInput(f"{field}: {message}", line=number, source=source) from None
         if line.method.upper() != "POST":
             raise MalformedInput(
                 f"method {line.method!r}: only POST is batched", line=number, source=source

@@ -12,8 +12,14 @@ import base64
 import hashlib
 import os
 import time
+from typing import Literal
 
 from routing.errors import InvalidRequest
+
+GroupPart = Literal["members", "tok", "size", "meta"]
+BatchIndex = Literal["groups", "windows", "intents", "inflight", "byid"]
+ObsKind = Literal["b", "r", "g"]
+ObsHash = Literal["inflight", "headroom"]
 
 _CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
 _FROM_RFC4648 = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ234567", _CROCKFORD)
@@ -97,3 +103,63 @@ class Keys:
 
     def heartbeat(self, role: str) -> str:
         return f"{self.ns}:heartbeat:{role}"
+
+    def ledger(self) -> str:
+        """The cost ledger: totals by lane, tenant, route and spend tag."""
+        return f"{self.ns}:costs"
+
+    def redbeat_prefix(self) -> str:
+        """Where celery-redbeat keeps beat's schedule and lock (its ``redbeat_key_prefix``)."""
+        return f"{self.ns}:redbeat:"
+
+    # -- the batch registry: every key under the one tag ``{batches}`` ----------------------
+
+    def batch_group(self, gid: str, part: GroupPart = "members") -> str:
+        """A pending group: its ``members`` (scored by deadline), their lease tokens (``tok``),
+        their line sizes (``size``) and when it began (``meta``)."""
+        key = f"{self.ns}:{{batches}}:pending:{gid}"
+        return key if part == "members" else f"{key}:{part}"
+
+    def batch(self, key: str) -> str:
+        """One batch's record."""
+        return f"{self.ns}:{{batches}}:b:{key}"
+
+    def batches(self, index: BatchIndex) -> str:
+        """The registry's indexes: pending ``groups``, submit ``windows`` by group, ``intents``
+        (recorded before create), ``inflight`` (by next poll), ``byid`` (provider id -> key)."""
+        return f"{self.ns}:{{batches}}:{index}"
+
+    # -- observations: every key under the one tag ``{obs}`` --------------------------------
+
+    def obs_list(self, kind: ObsKind, name: str) -> str:
+        """Observations of one kind (``b`` batch, ``r`` realtime, ``g`` gpu) for one name; the
+        names ``index`` (the set of a kind's lists) and ``g:aliases`` are reserved."""
+        return f"{self.ns}:{{obs}}:{kind}:{name}"
+
+    def obs_seen(self, batch_key: str) -> str:
+        """Marks a batch whose turnaround was recorded, so it is recorded once."""
+        return f"{self.ns}:{{obs}}:seen:{batch_key}"
+
+    def obs(self, name: ObsHash) -> str:
+        """``inflight`` (batches still running) or ``headroom`` (last rate-limit headers)."""
+        return f"{self.ns}:{{obs}}:{name}"
+
+    def obs_pattern(self) -> str:
+        """A SCAN match for every observation key."""
+        return f"{self.ns}:{{obs}}:*"
+
+    # -- sinks ------------------------------------------------------------------------------
+
+    def stream_marker(self, stream: str, request_id: str) -> str:
+        """Remembers that ``request_id`` is in ``stream``; in the stream's own hash slot."""
+        return f"{self.ns}:stream-once:{{{_slot_tag(stream)}}}:{stream}:{request_id}"
+
+
+def _slot_tag(key: str) -> str:
+    """What Redis Cluster hashes for ``key``: its ``{tag}`` if it has a non-empty one."""
+    start = key.find("{")
+    if start != -1:
+        end = key.find("}", start + 1)
+        if end > start + 1:
+            return key[start + 1 : end]
+    return key

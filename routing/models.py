@@ -7,22 +7,24 @@ of mixbatch's ``InvalidRequest`` errors that names the bad field.
 
 from __future__ import annotations
 
+import math
 import re
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
-from typing import Annotated, Any, Literal
-from urllib.parse import urlsplit
+from typing import Any, Literal
 
 from pydantic import (
     BaseModel,
-    BeforeValidator,
     ConfigDict,
     Field,
     ValidationError,
     field_validator,
+    model_validator,
 )
-from pydantic_core import PydanticCustomError, to_json
+from pydantic_core import to_json
 
+from routing.callbacks import CallbackSpec
+from routing.decide.tables import first_error
 from routing.errors import (
     BodyTooLarge,
     DeadlineInPast,
@@ -50,8 +52,24 @@ class Route(StrEnum):
 
 
 LANE_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,31}$")
+#: Tenants name a hash tag in Redis keys: no ``{``, ``}`` or ``:``, so two (tenant, custom_id)
+#: pairs can never build the same key.
+TENANT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@+-]{0,127}$")
+#: Printable text without control characters (no CR/LF reaches a log line or the wire).
+_PRINTABLE = re.compile(r"^[^\x00-\x1f\x7f]+$")
+METADATA_KEY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+MAX_METADATA_ITEMS = 32
+MAX_METADATA_VALUE = 256
+#: The furthest deadline accepted: a year ahead (a provider batch window is at most days).
+MAX_DEADLINE_S = 366 * 86400.0
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)?\s*$")
 _UNIT_S = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "w": 604800.0}
+
+
+def _named(rule: re.Pattern[str], value: str, what: str, chars: str) -> str:
+    if not rule.fullmatch(value):
+        raise ValueError(f"{what} {value!r} must be {chars}, starting with a letter or digit")
+    return value
 
 
 def parse_duration_s(text: str | float | int | timedelta) -> float:
@@ -83,12 +101,7 @@ class LaneSpec(BaseModel):
     @field_validator("name")
     @classmethod
     def _name(cls, v: str) -> str:
-        if not LANE_NAME.fullmatch(v):
-            raise ValueError(
-                f"lane name {v!r} must be 1-32 characters of a-z, 0-9, '-' or '_', "
-                "starting with a letter or digit"
-            )
-        return v
+        return _named(LANE_NAME, v, "lane name", "1-32 characters of a-z, 0-9, '-' or '_'")
 
 
 class ServiceConfig(BaseModel):
@@ -109,174 +122,6 @@ class ServiceConfig(BaseModel):
         return sorted(self.lanes, key=lambda s: -s.priority)
 
 
-class CeleryCallback(BaseModel):
-    """Send the result to a Celery task of the caller's, by name, on the caller's queue."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    kind: Literal["celery"] = "celery"
-    task: str = Field(min_length=1)
-    queue: str | None = None
-
-
-def _invalid(reason: str, kind: str = "invalid_callback") -> PydanticCustomError:
-    """A validation error whose text is ``reason`` alone, without pydantic's "Value error, "."""
-    return PydanticCustomError(kind, "{reason}", {"reason": reason})
-
-
-class WebhookCallback(BaseModel):
-    """POST the result as signed JSON to the caller's URL.
-
-    The signing secret is not part of the request: it comes from the service's settings, per
-    tenant (``MIXBATCH_WEBHOOK_SECRETS``), so a producer cannot choose the key a receiver trusts.
-    Only the scheme is checked here; the address is checked when delivering, because DNS can
-    change between submit and delivery and only the service knows its allow-list.
-    """
-
-    model_config = ConfigDict(extra="forbid")
-
-    kind: Literal["webhook"] = "webhook"
-    url: str = Field(min_length=1, max_length=2048)
-
-    @field_validator("url")
-    @classmethod
-    def _http_only(cls, v: str) -> str:
-        try:
-            parts = urlsplit(v)
-            host = parts.hostname
-        except ValueError:
-            raise _invalid(f"{v!r} is not a URL") from None
-        if parts.scheme.lower() not in ("http", "https"):
-            raise _invalid(
-                f"scheme {parts.scheme or '(none)'!r} is not allowed; a webhook is http or https"
-            )
-        if not host:
-            raise _invalid(f"{v!r} has no host")
-        return v
-
-
-#: SQLAlchemy URL schemes the SQL sink upserts into (``ON CONFLICT`` on both).
-SQL_DIALECTS = ("sqlite", "postgresql")
-_SQL_URL = re.compile(r"^(?P<dialect>[a-z][a-z0-9]*)(?:\+[a-z0-9_]+)?://", re.IGNORECASE)
-_SQL_TABLE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
-
-
-class SqlCallback(BaseModel):
-    """Upsert the result, keyed by request id, into a table of the caller's database.
-
-    ``url`` is a SQLAlchemy URL; ``table`` defaults to the service's ``MIXBATCH_SQL_TABLE``. The
-    table's columns are documented in ``routing.sinks.sql``.
-    """
-
-    model_config = ConfigDict(extra="forbid")
-
-    kind: Literal["sql"] = "sql"
-    url: str = Field(min_length=1, max_length=2048)
-    table: str | None = None
-
-    @field_validator("url")
-    @classmethod
-    def _known_dialect(cls, v: str) -> str:
-        match = _SQL_URL.match(v)
-        dialect = match.group("dialect").lower() if match else None
-        if dialect not in SQL_DIALECTS:
-            raise _invalid(
-                "must be a SQLAlchemy URL of one of: "
-                + ", ".join(f"{d}://..." for d in SQL_DIALECTS)
-                + " (e.g. sqlite:///results.db, postgresql+psycopg://user@host/db)"
-            )
-        return v
-
-    @field_validator("table")
-    @classmethod
-    def _identifier(cls, v: str | None) -> str | None:
-        if v is not None and not _SQL_TABLE.match(v):
-            raise _invalid(
-                f"{v!r} must be 1-63 characters of letters, digits or '_', not starting with a digit"
-            )
-        return v
-
-
-class StreamCallback(BaseModel):
-    """XADD the result to a Redis stream, trimmed to about ``maxlen`` entries.
-
-    ``redis_url`` defaults to the service's own Redis; ``maxlen`` to ``MIXBATCH_STREAM_MAXLEN``.
-    """
-
-    model_config = ConfigDict(extra="forbid")
-
-    kind: Literal["stream"] = "stream"
-    key: str = Field(min_length=1, max_length=512)
-    maxlen: int | None = Field(default=None, ge=1, le=100_000_000)
-    redis_url: str | None = Field(default=None, max_length=2048)
-
-    @field_validator("key")
-    @classmethod
-    def _whole_hash_tag(cls, v: str) -> str:
-        """Braces must form a cluster hash tag, so the sink's marker key can share its slot."""
-        start = v.find("{")
-        end = v.find("}", start + 1) if start != -1 else -1
-        if ("{" in v or "}" in v) and not end > start + 1:
-            raise _invalid(
-                f"{v!r}: braces in a stream key must form a Redis Cluster hash tag, e.g. "
-                "'{tenant}:results'"
-            )
-        return v
-
-    @field_validator("redis_url")
-    @classmethod
-    def _redis_scheme(cls, v: str | None) -> str | None:
-        if v is not None and urlsplit(v).scheme.lower() not in ("redis", "rediss", "unix"):
-            raise _invalid("must be a redis://, rediss:// or unix:// URL")
-        return v
-
-
-_CALLBACKS: dict[str, type[BaseModel]] = {
-    "celery": CeleryCallback,
-    "webhook": WebhookCallback,
-    "sql": SqlCallback,
-    "stream": StreamCallback,
-}
-#: The sinks a callback can name in ``kind``.
-SINK_KINDS = tuple(_CALLBACKS)
-
-
-class _CallbackKind(BaseModel):
-    """Validates ``kind`` alone, so an unknown sink is reported at ``callback.kind``."""
-
-    kind: Any = Field(default=None, validate_default=True)
-
-    @field_validator("kind", mode="before")
-    @classmethod
-    def _known(cls, v: Any) -> Any:
-        if not isinstance(v, str) or v not in _CALLBACKS:
-            what = "missing: name a sink" if v is None else f"unknown sink {v!r}"
-            raise _invalid(f"{what} (known sinks: {', '.join(SINK_KINDS)})", "unknown_sink")
-        return v
-
-
-def _validate_callback(value: Any) -> Any:
-    """Report errors at ``callback.kind`` or ``callback.url``, not at pydantic's tagged path.
-
-    A dict is validated against the model its ``kind`` names, so errors carry that model's own
-    field names (``callback.url``, not ``callback.webhook.url``); the discriminated union then
-    takes the model instance as it is.
-    """
-    if not isinstance(value, dict):
-        return value
-    kind = _CallbackKind.model_validate({"kind": value.get("kind")}).kind
-    return _CALLBACKS[kind].model_validate(value)
-
-
-CallbackSpec = Annotated[
-    Annotated[
-        CeleryCallback | WebhookCallback | SqlCallback | StreamCallback,
-        Field(discriminator="kind"),
-    ],
-    BeforeValidator(_validate_callback),
-]
-
-
 class Request(BaseModel):
     """What a producer submits. ``deadline`` may be absolute or relative (``"6h"``)."""
 
@@ -293,6 +138,38 @@ class Request(BaseModel):
     callback: CallbackSpec | None = None
     max_attempts: int | None = Field(default=None, ge=1, le=100)
 
+    @field_validator("tenant")
+    @classmethod
+    def _tenant(cls, v: str) -> str:
+        return _named(
+            TENANT_NAME, v, "tenant", "1-128 characters of A-Z, a-z, 0-9, '.', '_', '@', '+' or '-'"
+        )
+
+    @field_validator("custom_id")
+    @classmethod
+    def _custom_id(cls, v: str | None) -> str | None:
+        if v is not None and not _PRINTABLE.fullmatch(v):
+            raise ValueError("custom_id must not contain control characters (CR, LF, NUL, ...)")
+        return v
+
+    @field_validator("metadata")
+    @classmethod
+    def _metadata(cls, v: dict[str, str]) -> dict[str, str]:
+        if len(v) > MAX_METADATA_ITEMS:
+            raise ValueError(f"{len(v)} metadata entries is over the cap of {MAX_METADATA_ITEMS}")
+        for key, value in v.items():
+            if not METADATA_KEY.fullmatch(key):
+                raise ValueError(
+                    f"metadata key {key!r} must be 1-64 characters of A-Z, a-z, 0-9, '.', '_' "
+                    "or '-'"
+                )
+            if len(value) > MAX_METADATA_VALUE or (value and not _PRINTABLE.fullmatch(value)):
+                raise ValueError(
+                    f"metadata value of {key!r} must be printable and at most "
+                    f"{MAX_METADATA_VALUE} characters"
+                )
+        return v
+
 
 class Prepared(BaseModel):
     """A validated request, deadline resolved to unix seconds; what the store keeps."""
@@ -302,14 +179,23 @@ class Prepared(BaseModel):
     tenant: str
     custom_id: str | None
     lane: str
-    deadline: float
+    deadline: float = Field(allow_inf_nan=False, gt=0)
     endpoint: Endpoint
     model: str
     body: dict[str, Any]
     metadata: dict[str, str]
     callback: CallbackSpec | None
-    max_attempts: int
-    created_at: float
+    max_attempts: int = Field(ge=1, le=100)
+    created_at: float = Field(allow_inf_nan=False, ge=0)
+
+    @model_validator(mode="after")
+    def _deadline_in_range(self) -> Prepared:
+        """Whatever path built it, no stored request carries a deadline Redis cannot order."""
+        if self.deadline - self.created_at > MAX_DEADLINE_S:
+            raise ValueError(
+                f"deadline is more than {MAX_DEADLINE_S / 86400:.0f} days after created_at"
+            )
+        return self
 
 
 def resolve_deadline(
@@ -322,11 +208,11 @@ def resolve_deadline(
             value = value.replace(tzinfo=UTC)
         return value.timestamp()
     if isinstance(value, timedelta):
-        return now + value.total_seconds()
+        return _finite(now + value.total_seconds())
     if isinstance(value, int | float):
-        return float(value)
+        return _finite(float(value))
     try:
-        return now + parse_duration_s(value)
+        return _finite(now + parse_duration_s(value))
     except ValueError:
         pass
     try:
@@ -338,6 +224,12 @@ def resolve_deadline(
     return resolve_deadline(parsed, now, default_s)
 
 
+def _finite(deadline: float) -> float:
+    if not math.isfinite(deadline):
+        raise InvalidRequest(f"{deadline!r} is not a finite time", field="deadline")
+    return deadline
+
+
 def coerce_request(item: Request | dict[str, Any]) -> Request:
     """A ``Request`` from a model or a plain dict, with pydantic's errors made ours."""
     if isinstance(item, Request):
@@ -345,9 +237,8 @@ def coerce_request(item: Request | dict[str, Any]) -> Request:
     try:
         return Request.model_validate(item)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        field = ".".join(str(p) for p in first["loc"]) or None
-        raise InvalidRequest(first["msg"], field=field) from None
+        field, message = first_error(exc)
+        raise InvalidRequest(message, field=field or None) from None
 
 
 def prepare(req: Request, config: ServiceConfig, now: float) -> Prepared:
@@ -367,16 +258,20 @@ def prepare(req: Request, config: ServiceConfig, now: float) -> Prepared:
         raise InvalidRequest(
             f"model {model!r} differs from body.model {body['model']!r}", field="model"
         )
-    size = len(to_json(body))
+    size = len(to_json(body)) + (len(to_json(req.metadata)) if req.metadata else 0)
     if size > config.max_body_bytes:
         raise BodyTooLarge(
-            f"{size} bytes is over the cap of {config.max_body_bytes} (MIXBATCH_MAX_BODY_BYTES)",
+            f"{size} bytes (body and metadata) is over the cap of {config.max_body_bytes} "
+            "(MIXBATCH_MAX_BODY_BYTES)",
             field="body",
         )
     deadline = resolve_deadline(req.deadline, now, lane.deadline_s)
     if deadline <= now:
-        raise DeadlineInPast(
-            f"{datetime.fromtimestamp(deadline, UTC).isoformat()} is already past", field="deadline"
+        raise DeadlineInPast(f"{_iso(deadline)} is already past", field="deadline")
+    if deadline - now > MAX_DEADLINE_S:
+        raise InvalidRequest(
+            f"{_iso(deadline)} is more than {MAX_DEADLINE_S / 86400:.0f} days ahead",
+            field="deadline",
         )
     return Prepared(
         tenant=req.tenant,
@@ -391,6 +286,13 @@ def prepare(req: Request, config: ServiceConfig, now: float) -> Prepared:
         max_attempts=req.max_attempts or config.default_max_attempts,
         created_at=now,
     )
+
+
+def _iso(ts: float) -> str:
+    try:
+        return datetime.fromtimestamp(ts, UTC).isoformat()
+    except (OverflowError, ValueError, OSError):
+        return repr(ts)
 
 
 class Ticket(BaseModel):

@@ -19,6 +19,13 @@ from routing.store.lanes import LaneStore
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def need_server(reason: str) -> None:
+    """A test whose server is missing: skipped on a laptop, a failure in CI (``CI=true``)."""
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail(f"CI=true and {reason}", pytrace=False)
+    pytest.skip(reason)
+
+
 @pytest.fixture(scope="session")
 def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedRedis]:
     server = EmbeddedRedis(tmp_path_factory.mktemp("redis"), appendfsync="everysec").start()

@@ -4,6 +4,7 @@ download, a lost reply to a create, compatible providers' odd shapes, foreign re
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import socket
@@ -19,7 +20,10 @@ from urllib.parse import parse_qs, urlsplit
 import pytest
 
 from routing.decide.backoff import RetryPolicy
+from routing.decide.planner import anthropic_custom_id, file_overhead
 from routing.errors import ConfigError, InvalidRequest, MalformedInput, ProviderError, RateLimited
+from routing.jsonl import parse_batch_lines
+from routing.models import Endpoint
 from routing.providers import (
     TERMINAL_BATCH_STATUSES,
     AnthropicBatchAdapter,
@@ -30,11 +34,13 @@ from routing.providers import (
     OpenAIBatchAdapter,
     ProviderCapabilities,
     account_for,
+    batch_adapter_class,
     batch_adapter_for,
     load_providers,
 )
 from routing.sandbox import Knobs, expected_reply, response_text
 from routing.sandbox.server import SandboxServer
+from tests.test_planner import claimed, jsonl_of, lookup_of, plan
 
 ROOT = Path(__file__).resolve().parent.parent
 KEY = "sk-batch-DO-NOT-LEAK-5e2c"
@@ -47,13 +53,14 @@ CLAUDE = "claude-3-5-haiku-latest"
 SCALE = 20.0
 
 
-def _knobs(**changes: Any) -> dict[str, Any]:
+def knobs(**changes: Any) -> dict[str, Any]:
+    """The sandbox's knobs for these tests: time 20 times faster, with ``changes``."""
     return Knobs(time_scale=SCALE, batch_turnaround_s=2.0, **changes).model_dump()
 
 
 @pytest.fixture(scope="module")
 def sandbox() -> Iterator[SandboxServer]:
-    with SandboxServer(knobs=Knobs(**_knobs())) as server:
+    with SandboxServer(knobs=Knobs(**knobs())) as server:
         yield server
 
 
@@ -61,7 +68,7 @@ def sandbox() -> Iterator[SandboxServer]:
 def _fresh_knobs(request: pytest.FixtureRequest) -> None:
     if "sandbox" in request.fixturenames:
         server: SandboxServer = request.getfixturevalue("sandbox")
-        server.configure(**_knobs())
+        server.configure(**knobs())
         server.reset()
 
 
@@ -320,6 +327,8 @@ def test_anthropic_checks_lines_before_sending(
         ([messages_line(0, url="/v1/chat/completions")], 1, "only POST /v1/messages"),
         ([messages_line(0), messages_line(1), messages_line(0)], 3, "repeats line 1"),
         ([messages_line(0, body="hi")], 1, "body must be a JSON object"),
+        ([{"custom_id": "a", "params": [1]}], 1, "params must be a JSON object"),
+        ([{"custom_id": "a", "params": {}, "url": "/v1/messages"}], 1, "only custom_id and params"),
     ]
     for lines, line, fragment in cases:
         path = write_jsonl(tmp_path / "bad.jsonl", lines)
@@ -970,3 +979,97 @@ def test_compatible_provider_shapes(wire: Callable[[Callable[[Seen], Reply]], Wi
     assert [j.batch_id for j in jobs] == ["g2", "g1"]
     assert jobs[0].validation_errors[0].line == 3 and jobs[0].status is BatchStatus.FAILED
     assert jobs[1].error_ref is None
+
+
+# -- the input file writer: a planned batch reaches the provider byte for byte as planned ------
+
+
+def test_openai_input_is_byte_exact_and_parses() -> None:
+    items = [
+        claimed(
+            0,
+            body={
+                "model": "gpt-4o-mini",
+                "messages": [{"role": "user", "content": 'héllo ✓ "q"\n'}],
+            },
+        ),
+        claimed(1),
+        claimed(2, endpoint=Endpoint.EMBEDDINGS, model="e"),
+    ]
+    for batch in plan(items).batches:
+        data = jsonl_of(batch, items)
+        assert len(data) == batch.estimated_bytes
+        assert data.endswith(b"\n") and data.count(b"\n") == batch.line_count
+        parsed = parse_batch_lines(data.decode().splitlines(), source="planned.jsonl")
+        by_id = {c.id: c.request for c in items}
+        for line in parsed:
+            assert line.url == batch.endpoint.value
+            assert line.method == "POST"
+            assert line.body == by_id[line.custom_id].body
+
+
+def test_anthropic_input_lines_are_the_create_items() -> None:
+    items = [
+        claimed(i, lane="bulk_x-1", endpoint=Endpoint.MESSAGES, model=f"claude-{i % 2}")
+        for i in range(5)
+    ]
+    (batch,) = plan(items).batches
+    fh = io.BytesIO()
+    written = AnthropicBatchAdapter.write_input(batch, lookup_of(items), fh)
+    assert written == len(fh.getvalue()) == batch.estimated_bytes - file_overhead("anthropic")
+    entries = [json.loads(line) for line in fh.getvalue().splitlines()]
+    assert len(entries) == batch.line_count
+    for entry in entries:
+        assert set(entry) == {"custom_id", "params"}
+        (request_id,) = batch.fanout[entry["custom_id"]]
+        assert entry["custom_id"] == anthropic_custom_id(request_id)
+        assert entry["params"] == lookup_of(items)(request_id).body
+
+
+def test_writers_refuse_the_other_protocol() -> None:
+    items = [claimed(1, endpoint=Endpoint.MESSAGES), claimed(2)]
+    batches = {b.protocol: b for b in plan(items).batches}
+    lookup = lookup_of(items)
+    with pytest.raises(ValueError, match="not openai"):
+        OpenAIBatchAdapter.write_input(batches["anthropic"], lookup, io.BytesIO())
+    with pytest.raises(ValueError, match="not anthropic"):
+        AnthropicBatchAdapter.write_input(batches["openai"], lookup, io.BytesIO())
+
+
+@pytest.mark.parametrize("protocol", ["openai", "anthropic"])
+def test_planned_batch_is_sent_with_the_planned_bytes(
+    wire: Callable[[Callable[[Seen], Reply]], Wire], tmp_path: Path, protocol: str
+) -> None:
+    """What the provider receives is ``estimated_bytes`` long: the file, or the create body."""
+    endpoint = Endpoint(ENDPOINT[protocol])
+    items = [
+        claimed(i, endpoint=endpoint, model=MODEL[protocol], body=LINE[protocol](i)["body"])
+        for i in range(4)
+    ]
+    (batch,) = plan(items).batches
+    path = tmp_path / "planned.jsonl"
+    with path.open("wb") as fh:
+        batch_adapter_class(protocol).write_input(batch, lookup_of(items), fh)
+    created = {"id": "b1", "status": "validating", "created_at": 1, "input_file_id": "file-in"}
+    message_batch = {"id": "msgbatch_1", "processing_status": "in_progress", "created_at": 1}
+
+    def route(seen: Seen) -> Reply:
+        if seen.path == "/v1/files":
+            return reply_json({"id": "file-in"})
+        return reply_json(created if seen.path == "/v1/batches" else message_batch)
+
+    server = wire(route)
+    with make_adapter(protocol, _base(protocol, server.url)) as adapter:
+        create(adapter, path)
+    if protocol == "openai":
+        data = path.read_bytes()
+        assert len(data) == batch.estimated_bytes and data in server.seen[0].body
+        return
+    sent = server.seen[-1].body
+    assert len(sent) == batch.estimated_bytes
+    assert json.loads(sent) == {
+        "requests": [
+            {"custom_id": cid, "params": lookup_of(items)(ids[0]).body}
+            for cid, ids in batch.fanout.items()
+        ]
+    }

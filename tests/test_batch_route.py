@@ -16,25 +16,18 @@ from typing import Any
 import pytest
 
 from routing.client import Client
+from routing.engine import batch as engine
 from routing.keys import lane_of
 from routing.models import Route
 from routing.sandbox import Knobs
 from routing.states import State
-from routing.store.batches import BatchRecord, BatchRegistry, Member
+from routing.store.batches import BatchRegistry, group_id
 from tasks.cli.demo import answer_ok, demo_workload
 from tasks.cli.stack import LocalStack
+from tests.test_batch_engine import Crash, CrashAfterCreate, crashing
 from tests.test_e2e import CALLBACK, db_url, delivered, make_stack, start_callbacks, wait_for
 
 __all__ = ["db_url"]
-
-BATCH_ENV = {
-    "MIXBATCH_BATCH_TURNAROUND_S": '{"openai": 5, "anthropic": 5}',
-    "MIXBATCH_BATCH_MARGIN_S": "60",
-    "MIXBATCH_BATCH_MAX_WAIT_S": "1",
-    "MIXBATCH_BATCH_FLUSH_INTERVAL_S": "0.5",
-    "MIXBATCH_BATCH_POLL_INTERVAL_S": "0.5",
-    "MIXBATCH_BATCH_POLL_MAX_INTERVAL_S": "1",
-}
 
 
 def created(stats: dict[str, Any], protocol: str) -> int:
@@ -57,7 +50,7 @@ def stack(tmp_path: Path, db_url: str, request: pytest.FixtureRequest) -> Iterat
     marker = request.node.get_closest_marker("knobs")
     knobs = Knobs(**(marker.kwargs if marker else {}))
     env_marker = request.node.get_closest_marker("env")
-    env = {**BATCH_ENV, **(env_marker.kwargs if env_marker else {})}
+    env = env_marker.kwargs if env_marker else {}
     s = make_stack(tmp_path, db_url, knobs, **env)
     try:
         s.start_worker("worker", concurrency=3)
@@ -200,7 +193,7 @@ def test_cancel_every_request_of_a_batch_cancels_the_provider_batch(
 ) -> None:
     from routing.sandbox import Knobs as K
 
-    stack = make_stack(tmp_path, db_url, K(batch_turnaround_s=3600.0), **BATCH_ENV)
+    stack = make_stack(tmp_path, db_url, K(batch_turnaround_s=3600.0))
     try:
         stack.start_worker("worker", concurrency=2)
         stack.start_beat()
@@ -225,7 +218,7 @@ def test_cancel_every_request_of_a_batch_cancels_the_provider_batch(
 @pytest.mark.timeout(180)
 def test_crash_between_create_and_record_adopts_the_orphan(tmp_path: Path, db_url: str) -> None:
     """A batch created at the provider but never recorded is found by its tag, not resent."""
-    stack = make_stack(tmp_path, db_url, Knobs(batch_turnaround_s=1.0), **BATCH_ENV)
+    stack = make_stack(tmp_path, db_url, Knobs(batch_turnaround_s=1.0))
     try:
         items = [
             {**i, "lane": "bulk"} for i in batch_items(9) if i["endpoint"] == "/v1/chat/completions"
@@ -235,7 +228,7 @@ def test_crash_between_create_and_record_adopts_the_orphan(tmp_path: Path, db_ur
         saved = dict(os.environ)
         os.environ.update(env)
         try:
-            _create_then_crash(stack, ids)
+            _create_then_crash(ids)
         finally:
             os.environ.clear()
             os.environ.update(saved)
@@ -259,57 +252,21 @@ def _reset_process_handles() -> None:
     common.reset()
 
 
-def _create_then_crash(stack: LocalStack, ids: list[str]) -> None:
-    """What batch_submit does, stopped right after the provider's create returned."""
-    import tempfile
-
-    from routing.store.batches import group_id
+def _create_then_crash(ids: list[str]) -> None:
+    """``batch_submit``'s own steps, dying once the provider's create returned, before the
+    batch id is recorded. Its clock runs two minutes early, so the intent it leaves is past its
+    grace by the time the workers start."""
     from tasks import batch
-    from tasks import runtime as common
 
     _reset_process_handles()
-    st, reg = common.store(), common.registry()
-    claimed = [c for lane in {lane_of(i) for i in ids} for c in st.claim(lane, 100, lease_s=600)]
+    h = batch.handles()
+    claimed = [
+        c for lane in {lane_of(i) for i in ids} for c in h.store.claim(lane, 100, lease_s=600)
+    ]
     assert {c.id for c in claimed} == set(ids)
     batch.stage(claimed, "openai", time.time())
     first = claimed[0].request
     gid = group_id("openai", first.endpoint.value, first.model)
-    taken = dict(reg.take(gid, 100))
-    members = {
-        c.id: [Member(id=c.id, token=taken[c.id], deadline=c.request.deadline)] for c in claimed
-    }
-    record = BatchRecord(
-        key="orphan-test",
-        provider="openai",
-        protocol="openai",
-        endpoint=first.endpoint.value,
-        model=first.model,
-        created_at=time.time() - 120,
-        lines=len(claimed),
-        members=members,
-        order=list(members),
-    )
-    reg.record_intent(record)
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "in.jsonl"
-        import json
-
-        with path.open("w") as fh:
-            for c in claimed:
-                fh.write(
-                    json.dumps(
-                        {
-                            "custom_id": c.id,
-                            "method": "POST",
-                            "url": first.endpoint.value,
-                            "body": c.request.body,
-                        }
-                    )
-                    + "\n"
-                )
-        common.batch_adapter("openai").create(
-            path,
-            endpoint=first.endpoint,
-            model=first.model,
-            metadata={batch.METADATA_KEY: "orphan-test"},
-        )
+    early = crashing(h, CrashAfterCreate, clock=lambda: time.time() - 120)
+    with pytest.raises(Crash):
+        engine.submit(early, gid)

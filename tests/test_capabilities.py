@@ -199,7 +199,7 @@ def test_unused_accounts_are_still_validated() -> None:
         ("[providers.x\n", "p.toml: not valid TOML"),
         ("title = 'x'\n", "p.toml: needs at least one [providers.NAME] table"),
         ("providers = 3\n", "needs at least one"),
-        ("[providers]\nx = 3\n", "p.toml, line ? ([providers.x]): must be a table"),
+        ("[providers]\nx = 3\n", "p.toml, line 2 ([providers.x]): must be a table"),
         (MINIMAL.replace("providers.local", 'providers."Bad Name"'), "name"),
     ],
 )

@@ -28,11 +28,12 @@ from routing.models import ServiceConfig, StoredResult
 from routing.sandbox import expected_reply
 from routing.states import State
 from routing.store.lanes import LaneStore
-from tasks.cli.main import EXAMPLES, cli
+from tasks.cli.main import cli
+from tasks.cli.output import EXAMPLES
 
 ROOT = Path(__file__).resolve().parent.parent
 LANES = ("urgent", "standard", "bulk")
-COMMANDS = ("submit", "status", "results", "lanes", "sandbox", "demo", "up")
+COMMANDS = ("submit", "status", "results", "lanes", "costs", "explain", "sandbox", "demo", "up")
 SIX_HOURS_S = 6 * 3600.0
 
 Invoke = Callable[..., Result]
@@ -683,6 +684,7 @@ def test_group_help_lists_every_command() -> None:
     for command in COMMANDS:
         assert f"  {command} " in result.stdout
     assert set(COMMANDS) <= set(cli.commands)
+    assert set(EXAMPLES) <= set(cli.commands)
     assert isinstance(cli, click.Group)
 
 

@@ -209,9 +209,9 @@ def test_lane_full_in_a_later_chunk_reports_the_whole_call(
         client.submit_many(items, chunk_size=2)
     assert info.value.lane == "tiny"
     assert store.lane_stats("tiny").depth == 3
-    accepted = info.value.accepted  # type: ignore[attr-defined]
+    accepted = info.value.accepted
     assert [t.custom_id for t in accepted] == ["c0", "c1", "c2"]
-    assert info.value.rejected == [3, 4]  # type: ignore[attr-defined]
+    assert info.value.rejected == [3, 4]
 
 
 def test_prepare_many_writes_nothing(client: Client, store: LaneStore) -> None:

@@ -112,7 +112,7 @@ def test_parse_prices_with_defaults_and_overrides() -> None:
         pytest.param("providers = 3\n", "needs at least one [providers.NAME]", id="not-a-table"),
         pytest.param(
             "[providers]\nopenai = 1\n",
-            "p.toml, line ? ([providers.openai]): must be a table",
+            "p.toml, line 2 ([providers.openai]): must be a table",
             id="provider-not-table",
         ),
         pytest.param(
@@ -122,12 +122,12 @@ def test_parse_prices_with_defaults_and_overrides() -> None:
         ),
         pytest.param(
             '[providers.openai]\n\n[providers.openai.models."m"]\ninput_usd_per_mtok = -1\n',
-            'p.toml, line 3 ([providers.openai.models."m"]): input_usd_per_mtok:',
+            "p.toml, line 3 ([providers.openai.models.m]): input_usd_per_mtok:",
             id="negative-price",
         ),
         pytest.param(
             "[providers.openai.models.m]\ninput_usd_per_mtok = 1\ninput_price = 2\n",
-            'line 1 ([providers.openai.models."m"]): input_price: Extra inputs',
+            "line 1 ([providers.openai.models.m]): input_price: Extra inputs",
             id="unknown-model-key",
         ),
         pytest.param(
@@ -138,7 +138,7 @@ def test_parse_prices_with_defaults_and_overrides() -> None:
         pytest.param(
             "[providers.openai]\nbatch_discount = 1.0\n[providers.openai.models.m]\n"
             "input_usd_per_mtok = 1\n",
-            'line 3 ([providers.openai.models."m"]): batch_discount:',
+            "line 3 ([providers.openai.models.m]): batch_discount:",
             id="discount-of-one",
         ),
         pytest.param(

@@ -1,4 +1,4 @@
-"""The delivery policy (``tasks.deliver.run_delivery``) against a real Redis store, no worker.
+"""The delivery policy (``routing.engine.deliver.run_delivery``) against a real Redis store, no worker.
 
 The central claim: delivery is at-least-once, and every sink applies a result once. Each sink
 is made to see the same result twice the way it happens in production: the worker writes to
@@ -19,16 +19,17 @@ import pytest
 import sqlalchemy as sa
 
 from config.settings import reset_settings
+from routing.callbacks import CallbackSpec
 from routing.client import Client
+from routing.engine.deliver import run_delivery
 from routing.errors import InvalidRequest
-from routing.models import CallbackSpec, Result, ServiceConfig, coerce_request
+from routing.models import Result, ServiceConfig, coerce_request
 from routing.sinks import DeliveryError, Sink, SinkContext, sink_for
 from routing.sinks.celery import CelerySink
 from routing.states import State
 from routing.store.lanes import LaneStore
 from tasks import deliver as deliver_module
-from tasks import runtime as common
-from tasks.deliver import run_delivery
+from tasks import runtime
 from tests.test_sinks_webhook import (
     BODY,
     Receiver,
@@ -206,7 +207,7 @@ def test_dead_letter_after_max_attempts(
         statuses.append(out.status)
         t += 10_000
     assert statuses == ["retry", "retry", "dead letter", "not due"]
-    [entry] = store.dead_letters()
+    [entry] = store.dlq.entries()
     assert entry["id"] == rid and entry["error"]["status_code"] == 503
     assert entry["error"]["message"] == (
         "webhook sink: receiver answered 503 (gave up after 3 delivery attempts)"
@@ -270,14 +271,12 @@ def test_the_celery_task_wires_the_store_and_the_sinks(
     rid = finished(store, service_config, time.time() - 5, {"kind": "stream", "key": key})
     monkeypatch.setenv("MIXBATCH_NAMESPACE", store.keys.ns)
     reset_settings()
-    common.reset()
-    deliver_module.reset()
+    runtime.reset()
     try:
         assert deliver_module.deliver.run(rid) == "delivered"
         assert deliver_module.deliver.run(rid) == "not due"
     finally:
-        deliver_module.reset()
-        common.reset()
+        runtime.reset()
         reset_settings()
     assert store.redis.xlen(key) == 1
     store.redis.delete(key)
@@ -288,7 +287,7 @@ def test_celery_sink_maps_a_broker_error_to_retryable(now: float) -> None:
         def send_task(self, name: str, args: Any = None, **options: Any) -> None:
             raise ConnectionError("broker down")
 
-    from routing.models import CeleryCallback
+    from routing.callbacks import CeleryCallback
 
     sink = CelerySink(CeleryCallback(task="t"), settings=sink_settings(), app=Broken())
     result = Result(

@@ -152,7 +152,7 @@ def test_replay_all(
     assert result.exit_code == 0, result.output
     assert "replayed 3 of 3" in result.stdout
     assert set(store.due_deliveries("standard", time.time() + 1)) == ids
-    assert store.dead_letters() == []
+    assert store.dlq.entries() == []
 
 
 @pytest.mark.parametrize("args", [(), ("standard.01X", "--all")])
@@ -182,7 +182,7 @@ def test_replay_of_an_expired_result_says_so_and_keeps_the_entry(
     assert result.exit_code == 1
     assert "its result has expired" in result.stderr and f"mixbatch dlq drop {rid}" in result.stderr
     assert "replayed 0 of 1" in result.stdout
-    assert [e["id"] for e in store.dead_letters()] == [rid]
+    assert [e["id"] for e in store.dlq.entries()] == [rid]
 
 
 def test_drop_forgets_the_dead_letter_but_keeps_the_result(
@@ -197,7 +197,7 @@ def test_drop_forgets_the_dead_letter_but_keeps_the_result(
     result = invoke("drop", rid)
     assert result.exit_code == 0, result.output
     assert f"dropped {rid}" in result.stdout
-    assert store.dead_letters() == []
+    assert store.dlq.entries() == []
     assert store.lane_stats("standard").counts["dead_letters"] == 0
     kept = store.result(rid)
     assert kept is not None and kept.status is State.DONE
@@ -210,7 +210,7 @@ def test_a_dead_letter_filed_by_the_store_is_listed(
 ) -> None:
     rid = finished(store, service_config, now, None)
     store.claim_delivery(rid, lease_s=30, now=now + 1)
-    store.dead_letter(rid, ErrorInfo(code="x", message="why [not]"), now=now + 2)
+    store.dlq.add(rid, ErrorInfo(code="x", message="why [not]"), now=now + 2)
     table = invoke("list")
     assert "x: why [not]" in table.stdout, "rich markup in errors is shown as text"
 

@@ -18,11 +18,11 @@ import pytest
 import redis
 
 from routing.errors import ConfigError, StoreUnavailable
+from routing.store.base import redact_url
 from routing.store.embedded import (
     EmbeddedRedis,
     ensure_running,
     free_port,
-    redact_url,
     redis_server_binary,
     running_url,
 )

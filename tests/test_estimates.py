@@ -9,20 +9,19 @@ import pytest
 
 from routing.decide.estimates import (
     Estimate,
+    EstimateRule,
     GpuObs,
-    Headroom,
     LatencyObs,
     QuantileError,
     TurnaroundObs,
     check_quantile,
     gpu_estimate,
     latency_estimate,
-    parse_rate_limit,
-    rate_limit_wait_s,
     recency_weights,
     turnaround_estimate,
     weighted_quantile,
 )
+from routing.decide.ratelimit import Headroom, parse_rate_limit, rate_limit_wait_s
 from routing.errors import ConfigError
 
 NOW = 1_000_000.0
@@ -110,7 +109,7 @@ def test_recency_weights_halve_every_half_life(age: float, half_life: float, wei
 def test_turnaround_falls_back_to_the_prior_until_enough_is_seen(
     obs: list[TurnaroundObs], min_samples: int, source: str, seconds: float
 ) -> None:
-    est = turnaround_estimate(obs, NOW, prior_s=7200.0, min_samples=min_samples)
+    est = turnaround_estimate(obs, NOW, prior_s=7200.0, rule=EstimateRule(min_samples=min_samples))
     assert (est.source, est.seconds) == (source, seconds)
     assert est.needed == min_samples and est.n == len(obs)
 
@@ -118,22 +117,24 @@ def test_turnaround_falls_back_to_the_prior_until_enough_is_seen(
 @pytest.mark.parametrize(("q", "seconds"), [(0.5, 50.0), (0.8, 80.0), (0.95, 100.0), (0.1, 10.0)])
 def test_turnaround_reads_the_configured_quantile(q: float, seconds: float) -> None:
     obs = fresh(*range(10, 110, 10))
-    assert turnaround_estimate(obs, NOW, prior_s=1.0, quantile=q).seconds == seconds
+    assert (
+        turnaround_estimate(obs, NOW, prior_s=1.0, rule=EstimateRule(quantile=q)).seconds == seconds
+    )
 
 
 @pytest.mark.parametrize("q", [0.0, 1.0, 1.2, -1.0])
 def test_turnaround_refuses_a_quantile_outside_zero_one(q: float) -> None:
     with pytest.raises(QuantileError):
-        turnaround_estimate(fresh(1, 2, 3, 4, 5), NOW, prior_s=1.0, quantile=q)
+        turnaround_estimate(fresh(1, 2, 3, 4, 5), NOW, prior_s=1.0, rule=EstimateRule(quantile=q))
 
 
 def test_recent_batches_weigh_more_than_old_ones() -> None:
     """Twenty slow batches a day ago, ten fast ones now: the estimate follows today."""
     old = [TurnaroundObs(NOW - 24 * H, 5 * H, 100) for _ in range(20)]
     new = fresh(*[60.0] * 10)
-    est = turnaround_estimate(old + new, NOW, prior_s=1.0, half_life_s=2 * H)
+    est = turnaround_estimate(old + new, NOW, prior_s=1.0, rule=EstimateRule(half_life_s=2 * H))
     assert est.seconds == 60.0
-    flat = turnaround_estimate(old + new, NOW, prior_s=1.0, half_life_s=1e9)
+    flat = turnaround_estimate(old + new, NOW, prior_s=1.0, rule=EstimateRule(half_life_s=1e9))
     assert flat.seconds == 5 * H, "without decay the old batches would dominate"
 
 
@@ -141,11 +142,15 @@ def test_expired_batches_make_the_quantile_a_lower_bound() -> None:
     """Half the batches expired at 24 h: the p95 is at least a day, not the fast half's p95."""
     finished = fresh(60, 70, 80, 90, 100)
     expired = [TurnaroundObs(NOW, 24 * H, 100, True) for _ in range(5)]
-    est = turnaround_estimate(finished + expired, NOW, prior_s=1.0, half_life_s=1e9)
+    est = turnaround_estimate(
+        finished + expired, NOW, prior_s=1.0, rule=EstimateRule(half_life_s=1e9)
+    )
     assert est.lower_bound and est.seconds == 24 * H
     assert "at least" in est.describe()
     # weighed by creation, a batch created a day ago says little about today's provider
-    today = turnaround_estimate(finished + expired, NOW, prior_s=1.0, half_life_s=2 * H)
+    today = turnaround_estimate(
+        finished + expired, NOW, prior_s=1.0, rule=EstimateRule(half_life_s=2 * H)
+    )
     assert today.seconds == 100.0
 
 
@@ -164,7 +169,9 @@ def test_a_batch_stuck_long_ago_fades() -> None:
     """One batch created a day ago is still running; today's batches are fast."""
     finished = fresh(*[60.0] * 40, ago=600)
     stuck = [TurnaroundObs(NOW, 23 * H, 100, True)]
-    est = turnaround_estimate(finished, NOW, prior_s=1.0, inflight=stuck, half_life_s=2 * H)
+    est = turnaround_estimate(
+        finished, NOW, prior_s=1.0, inflight=stuck, rule=EstimateRule(half_life_s=2 * H)
+    )
     assert est.seconds == 60.0
 
 
@@ -174,7 +181,7 @@ def test_batch_size_is_taken_into_account(size: int | None, longer: bool | None)
     obs = [
         TurnaroundObs(NOW, 10.0 * n**0.5, n) for n in (10, 20, 50, 100, 200, 500) for _ in (1, 2)
     ]
-    est = turnaround_estimate(obs, NOW, prior_s=1.0, quantile=0.5)
+    est = turnaround_estimate(obs, NOW, prior_s=1.0, rule=EstimateRule(quantile=0.5))
     assert est.size_exponent == pytest.approx(0.5, abs=0.01)
     at = est.at_size(size)
     if longer is None:

@@ -78,7 +78,7 @@ def test_a_table_with_every_field(tmp_path: Path) -> None:
             kind = "speech"
             path = "/y"
             """,
-            ["line 5", "'b/c'", "kind"],
+            ["line 5", '[models."b/c"]', "kind"],
         ),
         (
             """

@@ -26,12 +26,12 @@ from routing.models import Request, Route, ServiceConfig, StoredResult, prepare
 from routing.states import State
 from routing.store.batches import BatchRecord, BatchRegistry, Member
 from routing.store.lanes import LaneStore
+from routing.store.ledger import Cost
+from routing.store.ledger import record as record_cost
 from tasks.cli.main import cli
 from tasks.cli.metrics import build_registry, families, render_text
 from tasks.cli.observability import Observer, lane_view, parse_counts
 from tasks.cli.stack import LocalStack
-from tasks.costs import Cost
-from tasks.costs import record as record_cost
 
 ROOT = Path(__file__).resolve().parent.parent
 BODY: dict[str, Any] = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}

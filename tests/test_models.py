@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
+from routing.callbacks import CeleryCallback
 from routing.errors import (
     BodyTooLarge,
     DeadlineInPast,
@@ -21,7 +22,6 @@ from routing.errors import (
 )
 from routing.keys import Keys, lane_of, new_request_id, ulid
 from routing.models import (
-    CeleryCallback,
     Endpoint,
     LaneSpec,
     Request,
@@ -402,6 +402,38 @@ def test_idempotency_key_is_per_tenant_and_bounded() -> None:
     long_a, long_b = keys.idempotency("a", "x" * 500), keys.idempotency("a", "x" * 499 + "y")
     assert long_a != long_b
     assert len(long_a) < 120
+
+
+@pytest.mark.parametrize(
+    "build,expected",
+    [
+        (lambda k: k.batch_group("p|/v1/x|m"), "ns:{batches}:pending:p|/v1/x|m"),
+        (lambda k: k.batch_group("g", "tok"), "ns:{batches}:pending:g:tok"),
+        (lambda k: k.batch_group("g", "size"), "ns:{batches}:pending:g:size"),
+        (lambda k: k.batch_group("g", "meta"), "ns:{batches}:pending:g:meta"),
+        (lambda k: k.batches("groups"), "ns:{batches}:groups"),
+        (lambda k: k.batches("windows"), "ns:{batches}:windows"),
+        (lambda k: k.batch("bk"), "ns:{batches}:b:bk"),
+        (lambda k: k.batches("intents"), "ns:{batches}:intents"),
+        (lambda k: k.batches("inflight"), "ns:{batches}:inflight"),
+        (lambda k: k.batches("byid"), "ns:{batches}:byid"),
+        (lambda k: k.obs_list("b", "acct|/v1/x|m"), "ns:{obs}:b:acct|/v1/x|m"),
+        (lambda k: k.obs_list("r", "index"), "ns:{obs}:r:index"),
+        (lambda k: k.obs_seen("bk"), "ns:{obs}:seen:bk"),
+        (lambda k: k.obs("inflight"), "ns:{obs}:inflight"),
+        (lambda k: k.obs("headroom"), "ns:{obs}:headroom"),
+        (lambda k: k.obs_list("g", "aliases"), "ns:{obs}:g:aliases"),
+        (lambda k: k.obs_pattern(), "ns:{obs}:*"),
+        (lambda k: k.stream_marker("results", "s.1"), "ns:stream-once:{results}:results:s.1"),
+        (lambda k: k.stream_marker("{t:a}:r", "s.1"), "ns:stream-once:{t:a}:{t:a}:r:s.1"),
+        (lambda k: k.stream_marker("x}y{z}", "s.1"), "ns:stream-once:{z}:x}y{z}:s.1"),
+        (lambda k: k.redbeat_prefix(), "ns:redbeat:"),
+        (lambda k: k.dead_letters(), "ns:dlq"),
+    ],
+)
+def test_keys_are_byte_identical_to_what_is_stored(build: Any, expected: str) -> None:
+    """Key names are data: a renamed key orphans what a running deployment has stored."""
+    assert build(Keys("ns")) == expected
 
 
 # -- states -----------------------------------------------------------------------------------

@@ -14,7 +14,8 @@ import pytest
 import redis
 
 from routing.decide.estimates import TurnaroundObs
-from routing.decide.route import Decision, RouteOptions, choose_route
+from routing.decide.options import RouteOptions
+from routing.decide.route import Decision, choose_route
 from routing.models import Request, Route, prepare
 from routing.states import State
 from routing.store.lanes import LaneStore

@@ -1,4 +1,4 @@
-"""Provider-batch planning: grouping, caps, dedupe, deadline order, the files, the flush policy.
+"""Provider-batch planning: grouping, caps, dedupe, deadline order, custom ids, the flush policy.
 
 All pure: no Redis, no HTTP, no clock. Tables first, one test at the real 50,000-line cap.
 """
@@ -6,7 +6,6 @@ All pure: no Redis, no HTTP, no clock. Tables first, one test at the real 50,000
 from __future__ import annotations
 
 import io
-import json
 import random
 import re
 from datetime import UTC, datetime
@@ -14,28 +13,22 @@ from typing import Any
 
 import pytest
 
+from routing.decide.flush import FLUSH_REASONS, check_window, should_flush, window_due
 from routing.decide.planner import (
     ANTHROPIC_CAPS,
-    FLUSH_REASONS,
     OPENAI_CAPS,
     BatchCaps,
     BatchProtocol,
     Plan,
     PlannedBatch,
     anthropic_custom_id,
-    anthropic_requests,
-    check_window,
-    openai_lines,
     plan_batches,
-    should_flush,
-    window_due,
-    write_anthropic_body,
-    write_openai_jsonl,
 )
 from routing.decide.route import provider_for
 from routing.errors import ConfigError
 from routing.jsonl import parse_batch_lines
 from routing.models import Claimed, Endpoint, Prepared
+from routing.providers import OpenAIBatchAdapter
 
 NOW = 1_700_000_000.0
 PROTOCOLS: dict[str, BatchProtocol] = {
@@ -120,7 +113,7 @@ def lookup_of(items: list[Claimed]) -> Any:
 
 def jsonl_of(batch: PlannedBatch, items: list[Claimed]) -> bytes:
     fh = io.BytesIO()
-    written = write_openai_jsonl(batch, lookup_of(items), fh)
+    written = OpenAIBatchAdapter.write_input(batch, lookup_of(items), fh)
     assert written == len(fh.getvalue())
     return fh.getvalue()
 
@@ -433,61 +426,6 @@ def test_twins_of_an_oversized_line_are_rejected_too() -> None:
     assert result.batches == []
 
 
-# -- the files -----------------------------------------------------------------------------------
-
-
-def test_openai_jsonl_is_byte_exact_and_parses() -> None:
-    items = [
-        claimed(
-            0,
-            body={
-                "model": "gpt-4o-mini",
-                "messages": [{"role": "user", "content": 'héllo ✓ "q"\n'}],
-            },
-        ),
-        claimed(1),
-        claimed(2, endpoint=EMB, model="e"),
-    ]
-    for batch in plan(items).batches:
-        data = jsonl_of(batch, items)
-        assert len(data) == batch.estimated_bytes
-        assert data.endswith(b"\n") and data.count(b"\n") == batch.line_count
-        parsed = parse_batch_lines(data.decode().splitlines(), source="planned.jsonl")
-        by_id = {c.id: c.request for c in items}
-        for line in parsed:
-            assert line.url == batch.endpoint.value
-            assert line.method == "POST"
-            assert line.body == by_id[line.custom_id].body
-        assert b"".join(openai_lines(batch, lookup_of(items))) == data
-
-
-def test_anthropic_body_is_byte_exact() -> None:
-    items = [claimed(i, lane="bulk_x-1", endpoint=MSG, model=f"claude-{i % 2}") for i in range(5)]
-    (batch,) = plan(items).batches
-    fh = io.BytesIO()
-    written = write_anthropic_body(batch, lookup_of(items), fh)
-    assert written == len(fh.getvalue()) == batch.estimated_bytes
-    sent = json.loads(fh.getvalue())
-    assert sent == {"requests": list(anthropic_requests(batch, lookup_of(items)))}
-    for entry in sent["requests"]:
-        assert ANTHROPIC_ID.match(entry["custom_id"])
-        (request_id,) = batch.fanout[entry["custom_id"]]
-        assert entry["custom_id"] == anthropic_custom_id(request_id)
-        assert entry["params"] == lookup_of(items)(request_id).body
-
-
-def test_writers_refuse_the_other_protocol() -> None:
-    items = [claimed(1, endpoint=MSG), claimed(2)]
-    batches = {b.protocol: b for b in plan(items).batches}
-    lookup = lookup_of(items)
-    with pytest.raises(ValueError, match="not openai"):
-        write_openai_jsonl(batches["anthropic"], lookup, io.BytesIO())
-    with pytest.raises(ValueError, match="not anthropic"):
-        write_anthropic_body(batches["openai"], lookup, io.BytesIO())
-    with pytest.raises(ValueError, match="not anthropic"):
-        next(anthropic_requests(batches["openai"], lookup))
-
-
 # -- Anthropic custom ids ------------------------------------------------------------------------
 
 
@@ -525,7 +463,7 @@ def test_anthropic_custom_ids_do_not_collide() -> None:
     assert len({anthropic_custom_id(i) for i in ids}) == len(ids)
 
 
-# -- flush policy --------------------------------------------------------------------------------
+# -- the flush policy (routing.decide.flush) ----------------------------------------------------
 
 FLUSH = {
     "target_bytes": 1000,

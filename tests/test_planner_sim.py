@@ -8,7 +8,6 @@ answers ignored and counted), count misses per lane, and rank the policies sensi
 from __future__ import annotations
 
 import json
-import time
 from typing import Any
 
 import pytest
@@ -29,10 +28,7 @@ N = 20_000
 
 @pytest.fixture(scope="module")
 def reports() -> dict[str, dict[str, Any]]:
-    started = time.perf_counter()
-    out = {r["policy"]: r for r in run_all(Config(n=N), POLICIES, jobs=1)}
-    assert time.perf_counter() - started < 120, "the reduced simulation must stay under 2 min"
-    return out
+    return {r["policy"]: r for r in run_all(Config(n=N), POLICIES, jobs=1)}
 
 
 @pytest.mark.parametrize("policy", POLICIES)
@@ -62,7 +58,8 @@ def test_hedged_requests_answer_once_and_late_answers_are_ignored(
     planner = reports["planner"]
     assert planner["hedged"] > 0, "the day's incident makes some batches late"
     assert planner["answers"] == N + planner["late_answers"]
-    assert planner["batches_cancelled"] >= 0 and planner["wasted_usd"] >= 0
+    assert 0 < planner["late_answers"] <= planner["hedged"], "only hedged requests answer late"
+    assert planner["wasted_usd"] > 0, "a hedged request's batch line is still paid for"
 
 
 def test_policies_rank_as_expected(reports: dict[str, dict[str, Any]]) -> None:

@@ -23,6 +23,7 @@ from routing.providers import (
     AnthropicAdapter,
     OpenAIAdapter,
     ProviderAccount,
+    ProviderResponse,
     RealtimeAdapter,
     adapter_for,
     call_with_retries,
@@ -108,6 +109,21 @@ class SleepRecorder:
     def clock(self) -> float:
         return self.now
 
+    def retry(
+        self, adapter: RealtimeAdapter, body: dict[str, Any] = CHAT_BODY, **options: Any
+    ) -> ProviderResponse:
+        """``call_with_retries`` on chat with the fast policy, waiting on this recorder."""
+        options.setdefault("budget_s", 60)
+        return call_with_retries(
+            adapter,
+            Endpoint.CHAT,
+            body,
+            policy=FAST,
+            sleep=self.sleep,
+            clock=self.clock,
+            **options,
+        )
+
 
 # -- happy paths against the sandbox ---------------------------------------------------------
 
@@ -144,9 +160,7 @@ def test_anthropic_messages(sandbox: SandboxServer) -> None:
 
 def test_call_with_retries_returns_at_once_on_success(oai: RealtimeAdapter) -> None:
     rec = SleepRecorder()
-    reply = call_with_retries(
-        oai, Endpoint.CHAT, CHAT_BODY, policy=FAST, budget_s=10, sleep=rec.sleep
-    )
+    reply = rec.retry(oai, budget_s=10)
     assert reply.status_code == 200
     assert rec.waits == []
 
@@ -176,16 +190,7 @@ def test_retry_after_is_honoured(
     adapter = faulty(x_sandbox_fault="429", x_sandbox_fail_first="2")
     rec = SleepRecorder()
     caplog.set_level(logging.DEBUG)
-    reply = call_with_retries(
-        adapter,
-        Endpoint.CHAT,
-        CHAT_BODY,
-        policy=FAST,
-        budget_s=60,
-        sleep=rec.sleep,
-        clock=rec.clock,
-        rng=random.Random(1),
-    )
+    reply = rec.retry(adapter, rng=random.Random(1))
     assert reply.status_code == 200
     assert len(rec.waits) == 2
     assert all(3.0 <= w <= FAST.cap_s for w in rec.waits)
@@ -208,9 +213,7 @@ def test_500_then_success(sandbox: SandboxServer, faulty: Callable[..., Realtime
 
     rec = SleepRecorder()
     body = {**CHAT_BODY, "user": "second"}
-    reply = call_with_retries(
-        adapter, Endpoint.CHAT, body, policy=FAST, budget_s=10, sleep=rec.sleep, clock=rec.clock
-    )
+    reply = rec.retry(adapter, body, budget_s=10)
     assert reply.status_code == 200
     assert rec.waits == [0.05]
 
@@ -260,15 +263,7 @@ def test_400_is_final_and_carries_the_providers_message(
     rec = SleepRecorder()
     caplog.set_level(logging.DEBUG)
     with pytest.raises(ProviderError) as info:
-        call_with_retries(
-            oai,
-            Endpoint.CHAT,
-            {"model": "gpt-4o-mini"},
-            policy=FAST,
-            budget_s=10,
-            sleep=rec.sleep,
-            clock=rec.clock,
-        )
+        rec.retry(oai, {"model": "gpt-4o-mini"}, budget_s=10)
     err = info.value
     assert type(err) is ProviderError
     assert not err.retryable and err.status_code == 400
@@ -295,15 +290,7 @@ def test_budget_exhaustion_raises_the_last_error(
     sandbox.configure(retry_after_s=10)
     rec = SleepRecorder()
     with pytest.raises(RateLimited) as info:
-        call_with_retries(
-            faulty(x_sandbox_fault="429"),
-            Endpoint.CHAT,
-            CHAT_BODY,
-            policy=FAST,
-            budget_s=5,
-            sleep=rec.sleep,
-            clock=rec.clock,
-        )
+        rec.retry(faulty(x_sandbox_fault="429"), budget_s=5)
     assert rec.waits == []
     assert info.value.retry_after_s == 10
     assert "would pass the 5 s budget" in info.value.__notes__[0]
@@ -315,15 +302,7 @@ def test_max_tries_bounds_the_calls(
 ) -> None:
     rec = SleepRecorder()
     with pytest.raises(ProviderError) as info:
-        call_with_retries(
-            faulty(x_sandbox_fault="500"),
-            Endpoint.CHAT,
-            CHAT_BODY,
-            policy=FAST,
-            budget_s=60,
-            sleep=rec.sleep,
-            clock=rec.clock,
-        )
+        rec.retry(faulty(x_sandbox_fault="500"))
     assert info.value.status_code == 500
     assert rec.waits == [0.05, 0.1, 0.2]
     assert sandbox.stats()["calls_by_endpoint"]["/v1/chat/completions"] == 4

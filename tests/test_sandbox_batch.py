@@ -20,14 +20,18 @@ import openai
 import pytest
 
 from routing.sandbox import Knobs, expected_embeddings, expected_reply, response_text
+from routing.sandbox.batch_openai import parse_openai_input
 from routing.sandbox.batch_plan import (
     FINALIZING_SHARE,
+    Plan,
     SandboxClock,
     line_fault,
     plan_batch,
 )
-from routing.sandbox.batch_store import parse_openai_input
 from routing.sandbox.server import SandboxServer
+from tests.test_sandbox import ant, http, oai
+
+__all__ = ["ant", "http", "oai"]
 
 CHAT: Final = "/v1/chat/completions"
 OPENAI_TERMINAL = {"completed", "failed", "expired", "cancelled"}
@@ -50,26 +54,6 @@ def srv() -> Iterator[SandboxServer]:
 def clean(srv: SandboxServer) -> None:
     srv.configure(**Knobs(time_scale=20.0).model_dump())
     srv.reset()
-
-
-@pytest.fixture
-def oai(srv: SandboxServer) -> Iterator[openai.OpenAI]:
-    with openai.OpenAI(base_url=srv.openai_base_url, api_key="sk-sandbox", max_retries=0) as c:
-        yield c
-
-
-@pytest.fixture
-def ant(srv: SandboxServer) -> Iterator[anthropic.Anthropic]:
-    with anthropic.Anthropic(
-        base_url=srv.anthropic_base_url, api_key="sk-ant-sandbox", max_retries=0
-    ) as c:
-        yield c
-
-
-@pytest.fixture
-def http(srv: SandboxServer) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=srv.url, headers={"authorization": "Bearer sk-sandbox"}) as c:
-        yield c
 
 
 # --- helpers --------------------------------------------------------------------------------
@@ -178,6 +162,18 @@ def results_by_id(ant: anthropic.Anthropic, batch_id: str) -> dict[str, Any]:
 TIMES_S = (0.0, 0.1, 0.3, 1.0, 1.85, 1.95, 2.0, 3.0, 86_399.0, 86_400.0, 1e6)
 
 
+def ten_line_plan(**changes: Any) -> Plan:
+    """The plan of a ten-line batch created at 0 under knobs ``changes``."""
+    knobs = Knobs(**changes)
+    return plan_batch(
+        created_at=0.0,
+        ranks=list(range(10)),
+        knobs=knobs,
+        validating_s=knobs.batch_validating_s,
+        finalizing_share=FINALIZING_SHARE,
+    )
+
+
 @pytest.mark.parametrize(
     ("changes", "cancel_at_s", "last"),
     [
@@ -192,14 +188,7 @@ TIMES_S = (0.0, 0.1, 0.3, 1.0, 1.85, 1.95, 2.0, 3.0, 86_399.0, 86_400.0, 1e6)
 def test_plan_phases_only_move_forward(
     changes: dict[str, Any], cancel_at_s: float | None, last: str
 ) -> None:
-    knobs = Knobs(**changes)
-    plan = plan_batch(
-        created_at=0.0,
-        ranks=list(range(10)),
-        knobs=knobs,
-        validating_s=knobs.batch_validating_s,
-        finalizing_share=FINALIZING_SHARE,
-    )
+    plan = ten_line_plan(**changes)
     if cancel_at_s is not None:
         plan = plan.cancelled(cancel_at_s)
     seen = [plan.phase(t).value for t in TIMES_S]
@@ -217,14 +206,7 @@ def test_plan_phases_only_move_forward(
     ],
 )
 def test_plan_lines_run_before_the_end(changes: dict[str, Any], lines_run: int) -> None:
-    knobs = Knobs(**changes)
-    plan = plan_batch(
-        created_at=0.0,
-        ranks=list(range(10)),
-        knobs=knobs,
-        validating_s=knobs.batch_validating_s,
-        finalizing_share=FINALIZING_SHARE,
-    )
+    plan = ten_line_plan(**changes)
     assert plan.ended_at is not None
     assert sum(plan.has_run(i, plan.ended_at) for i in range(10)) == lines_run
 

@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 import redis
 
-from routing.errors import StoreUnavailable
+from routing.errors import SemaphoreBusy, StoreUnavailable
 from routing.store.embedded import EmbeddedRedis, free_port
-from routing.store.semaphore import RedisSemaphore, SemaphoreBusy
+from routing.store.semaphore import RedisSemaphore
 
 ROOT = Path(__file__).resolve().parent.parent
 

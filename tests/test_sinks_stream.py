@@ -12,10 +12,11 @@ import pytest
 import redis
 from redis.crc import key_slot
 
+from routing.callbacks import StreamCallback
 from routing.errors import InvalidRequest
-from routing.models import Result, ServiceConfig, StreamCallback, coerce_request
+from routing.keys import Keys
+from routing.models import Result, ServiceConfig, coerce_request
 from routing.sinks import DeliveryError, PayloadTooLarge, SinkContext, canonical_payload, sink_for
-from routing.sinks.stream import marker_key
 from routing.states import State
 from routing.store.lanes import LaneStore
 from tests.test_sinks_webhook import BODY, deliver_once, finished, sink_settings
@@ -64,7 +65,7 @@ def test_delivering_twice_adds_one_entry(store: LaneStore, context: SinkContext,
     assert (fields[b"tenant"], fields[b"status"]) == (b"acme", b"done")
     assert fields[b"payload"] == payload
     assert json.loads(fields[b"payload"])["body"] == {"n": 1}
-    marker = marker_key(store.keys.ns, key, result.id)
+    marker = store.keys.stream_marker(key, result.id)
     assert store.redis.get(marker) == entry_id
     assert 0 < store.redis.ttl(marker) <= 7 * 86400
 
@@ -118,7 +119,7 @@ def test_a_stream_on_another_redis(store: LaneStore, context: SinkContext, redis
     client = redis.Redis.from_url(other)
     try:
         assert client.xlen(name) == 1
-        client.delete(name, marker_key(store.keys.ns, name, result.id))
+        client.delete(name, store.keys.stream_marker(name, result.id))
     finally:
         client.close()
     assert store.redis.exists(name) == 0
@@ -142,7 +143,7 @@ def test_a_key_of_another_type_is_not_retried(
     with pytest.raises(DeliveryError) as info:
         sink_for(StreamCallback(key=key), context).deliver(result, canonical_payload(result))
     assert not info.value.retryable and "WRONGTYPE" in str(info.value)
-    assert store.redis.get(marker_key(store.keys.ns, key, result.id)) is None
+    assert store.redis.get(store.keys.stream_marker(key, result.id)) is None
 
 
 def test_an_unreachable_redis_is_retried(
@@ -175,7 +176,9 @@ def test_a_result_too_large_for_the_stream(store: LaneStore, key: str) -> None:
 @pytest.mark.parametrize("stream", ["results", "{tenant:acme}:results", "a{b}c", "x}y{z}"])
 def test_the_marker_shares_the_streams_slot(stream: str) -> None:
     StreamCallback(key=stream)
-    assert key_slot(marker_key("mb", stream, "standard.01X").encode()) == key_slot(stream.encode())
+    assert key_slot(Keys("mb").stream_marker(stream, "standard.01X").encode()) == key_slot(
+        stream.encode()
+    )
 
 
 @pytest.mark.parametrize(

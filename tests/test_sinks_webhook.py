@@ -22,14 +22,14 @@ from typing import Any
 import httpx
 import pytest
 
+from routing.callbacks import CallbackSpec, WebhookCallback
+from routing.engine.deliver import Outcome, run_delivery
 from routing.errors import InvalidRequest
 from routing.models import (
-    CallbackSpec,
     Request,
     Result,
     ServiceConfig,
     StoredResult,
-    WebhookCallback,
     coerce_request,
     prepare,
 )
@@ -48,7 +48,6 @@ from routing.sinks.webhook import AddressPolicy, WebhookSink
 from routing.states import State
 from routing.store.lanes import LaneStore
 from tasks.cli.dlq import replay_dead_letter
-from tasks.deliver import Outcome, run_delivery
 
 SECRET = "whsec-acme-test"
 DEFAULT_SECRET = "whsec-default-test"
@@ -321,7 +320,7 @@ def test_410_goes_straight_to_the_dead_letters(
     rid = finished(store, service_config, now, _hook(receiver))
     out = deliver_once(store, context, rid, now + 1)
     assert out.status == "dead letter" and out.attempt == 1
-    [entry] = store.dead_letters()
+    [entry] = store.dlq.entries()
     assert entry["id"] == rid
     assert entry["error"]["code"] == "receiver_rejected"
     assert entry["error"]["status_code"] == 410
@@ -346,7 +345,7 @@ def test_a_dead_letter_is_replayed_once_the_receiver_is_back(
     assert deliver_once(store, context, rid, now + 1).status == "dead letter"
     assert store.lane_stats("standard").counts["dead_letters"] == 1
     assert replay_dead_letter(store, rid, now=now + 5)
-    assert store.dead_letters() == []
+    assert store.dlq.entries() == []
     assert store.lane_stats("standard").counts["dead_letters"] == 0
     out = deliver_once(store, context, rid, now + 6)
     assert out.status == "delivered" and out.attempt == 1, "a fresh count of attempts"
@@ -367,7 +366,7 @@ def test_gives_up_after_max_attempts_with_the_last_error(
         deliver_once(store, context, rid, now + 1000 * i, max_attempts=3).status for i in (1, 2, 3)
     ]
     assert outcomes == ["retry", "retry", "dead letter"]
-    [entry] = store.dead_letters()
+    [entry] = store.dlq.entries()
     assert entry["error"]["status_code"] == 503
     assert "gave up after 3 delivery attempts" in entry["error"]["message"]
 

@@ -7,6 +7,8 @@ tested against the real clock, with other threads doing the finishing.
 
 from __future__ import annotations
 
+import inspect
+import re
 import threading
 import time
 from collections import Counter
@@ -32,6 +34,10 @@ from routing.models import (
     prepare,
 )
 from routing.states import State, can_transition
+from routing.store import dlq as store_dlq
+from routing.store import lanes as store_lanes
+from routing.store import reads as store_reads
+from routing.store import submit as store_submit
 from routing.store.lanes import LaneStore
 
 LANES = ("urgent", "standard", "bulk")
@@ -302,9 +308,9 @@ def test_a_batch_into_a_full_lane_reports_what_was_accepted(
     items = [make(tiny_config, now, lane="tiny", custom_id=f"c{i}") for i in range(5)]
     with pytest.raises(LaneFull) as info:
         store.submit_many(items, tiny_config, now=now)
-    accepted: list[Ticket] = info.value.accepted  # type: ignore[attr-defined]
+    accepted: list[Ticket] = info.value.accepted
     assert [t.custom_id for t in accepted] == ["c0", "c1", "c2"]
-    assert info.value.rejected == [3, 4]  # type: ignore[attr-defined]
+    assert info.value.rejected == [3, 4]
     assert store.lane_stats("tiny").depth == 3
 
     store.claim("tiny", 2, lease_s=60, now=now)
@@ -1073,8 +1079,8 @@ def test_dead_letter_records_the_error(
     rid = _finished(store, service_config, now)
     store.claim_delivery(rid, lease_s=30, now=now)
     gone = ErrorInfo(code="http_410", message="sink is gone", status_code=410)
-    assert store.dead_letter(rid, gone, now=now + 5)
-    assert store.dead_letters() == [
+    assert store.dlq.add(rid, gone, now=now + 5)
+    assert store.dlq.entries() == [
         {"id": rid, "lane": "standard", "at": now + 5, "error": gone.model_dump()}
     ]
     assert store.due_deliveries("standard", now + 10_000) == []
@@ -1090,8 +1096,8 @@ def test_dead_letter_after_delivery_records_nothing(
     for a request the other one delivered."""
     rid = _finished(store, service_config, now)
     assert store.delivered(rid, now=now + 1)
-    assert not store.dead_letter(rid, BOOM, now=now + 2)
-    assert store.dead_letters() == []
+    assert not store.dlq.add(rid, BOOM, now=now + 2)
+    assert store.dlq.entries() == []
     assert store.status(rid).state is State.DELIVERED
 
 
@@ -1099,9 +1105,9 @@ def test_dead_letters_are_listed_oldest_first(
     store: LaneStore, service_config: ServiceConfig, now: float
 ) -> None:
     first, second = _finished(store, service_config, now), _finished(store, service_config, now)
-    store.dead_letter(second, BOOM, now=now + 2)
-    store.dead_letter(first, BOOM, now=now + 1)
-    assert [e["id"] for e in store.dead_letters()] == [first, second]
+    store.dlq.add(second, BOOM, now=now + 2)
+    store.dlq.add(first, BOOM, now=now + 1)
+    assert [e["id"] for e in store.dlq.entries()] == [first, second]
 
 
 # -- counts and transitions --------------------------------------------------------------------
@@ -1156,7 +1162,7 @@ def test_every_transition_keeps_counts_and_follows_the_table(
     )
     step(lambda: store.requeue(ids[2], again[ids[2]].token, BOOM, now=now + 21))
     step(lambda: store.delivered(ids[0], now=now + 22))
-    step(lambda: store.dead_letter(ids[3], BOOM, now=now + 22))
+    step(lambda: store.dlq.add(ids[3], BOOM, now=now + 22))
     assert [last[rid] for rid in ids] == [
         State.DELIVERED,
         State.FAILED,
@@ -1188,17 +1194,38 @@ def _slot(key: str) -> int:
     return int(key_slot(key.encode()))
 
 
+#: Every script the lane store runs (the others belong to other stores or to the sinks).
+LANE_SCRIPTS = {
+    "claim",
+    "claim_ids",
+    "dead_letter_drop",
+    "dead_letter_replay",
+    "deliver_claim",
+    "deliver_done",
+    "drop",
+    "finish",
+    "release_idempotency",
+    "requeue",
+    "retry_delivery",
+    "start",
+    "submit_many",
+    "submit_one",
+}
+#: Scripts whose keys are a tenant's (custom_id reservations), not a lane's.
+TENANT_SCRIPTS = {"claim_ids", "release_idempotency"}
+
+
 def test_every_script_touches_one_slot_per_lane(
-    store: LaneStore, service_config: ServiceConfig, now: float
+    store: LaneStore, tiny_config: ServiceConfig, now: float
 ) -> None:
     calls: list[tuple[str, list[str]]] = []
-    for name, script in list(store._scripts.items()):
-        store._scripts[name] = _Recording(name, script, calls)  # type: ignore[assignment]
+    for name in LANE_SCRIPTS:
+        store.scripts[name] = _Recording(name, store.scripts[name], calls)  # type: ignore[assignment]
     store.cluster = True
 
-    for lane in LANES:
+    for lane in (*LANES, "tiny"):
         t1, t2, t3 = (
-            submit(store, service_config, now, lane=lane, custom_id=f"{lane}-{i}") for i in range(3)
+            submit(store, tiny_config, now, lane=lane, custom_id=f"{lane}-{i}") for i in range(3)
         )
         c1, c2, c3 = store.claim(lane, 3, lease_s=10, now=now)
         store.start(c1, state=State.RUNNING, route=Route.GPU, lease_s=10, now=now)
@@ -1208,23 +1235,42 @@ def test_every_script_touches_one_slot_per_lane(
         store.requeue(c2.id, c2.token, BOOM, now=now)
         store.cancel(c3.id, now=now)
         store.claim_delivery(c1.id, lease_s=5, now=now)
+        store.retry_delivery(c1.id, BOOM, due_at=now)
         store.delivered(c1.id, now=now)
-        store.dead_letter(c3.id, BOOM, now=now)
+        store.dlq.add(c3.id, BOOM, now=now)
+        store.dlq.replay(c3.id, now=now)
+        store.dlq.add(c3.id, BOOM, now=now)
+        store.dlq.drop(c3.id)
         assert {t1.id, t2.id, t3.id} == {c1.id, c2.id, c3.id}
+    with pytest.raises(LaneFull):
+        store.submit_many(
+            [make(tiny_config, now, lane="tiny", custom_id=f"more-{i}") for i in range(3)],
+            tiny_config,
+            now=now,
+        )
 
     single_node_only = {"submit_one"}
-    assert {name for name, _ in calls} == set(store._scripts) - single_node_only
+    assert {name for name, _ in calls} == LANE_SCRIPTS - single_node_only
     for name, keys in calls:
         assert keys, name
         slots = {_slot(k) for k in keys}
         assert len(slots) == 1, f"{name} spans slots: {keys}"
-    tags = {lane: _slot(store.keys.lane_tag(lane)) for lane in LANES}
+    tags = {lane: _slot(store.keys.lane_tag(lane)) for lane in (*LANES, "tiny")}
     for name, keys in calls:
-        if name == "claim_ids":
+        if name in TENANT_SCRIPTS:
             assert "{tenant:" in keys[0], "custom_ids are reserved in the tenant's slot"
             continue
         lane = keys[0].split("{lane:", 1)[1].split("}", 1)[0]
         assert _slot(keys[0]) == tags[lane], name
+
+
+def test_the_lane_store_runs_only_its_own_scripts(store: LaneStore) -> None:
+    """Every script the lane store's code names is in LANE_SCRIPTS (so the test above sees it)."""
+    named: set[str] = set()
+    for module in (store_lanes, store_submit, store_reads, store_dlq):
+        named |= set(re.findall(r'scripts\["(\w+)"\]', inspect.getsource(module)))
+    assert named == LANE_SCRIPTS
+    assert set(store.scripts) >= LANE_SCRIPTS
 
 
 def test_keys_a_script_builds_itself_share_the_lane_slot(store: LaneStore, now: float) -> None:

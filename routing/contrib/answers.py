@@ -30,6 +30,7 @@ from urllib.parse import quote, unquote
 
 from pydantic import ValidationError
 
+from routing.decide.tables import first_error
 from routing.errors import MixbatchError
 from routing.models import Result
 from routing.states import State
@@ -184,9 +185,10 @@ class Answer:
             try:
                 result = Result.model_validate(result)
             except ValidationError as exc:
-                first = exc.errors()[0]
-                where = ".".join(str(p) for p in first["loc"]) or "result"
-                raise TargetError(f"not a mixbatch result: {where}: {first['msg']}") from None
+                where, message = first_error(exc)
+                raise TargetError(
+                    f"not a mixbatch result: {where or 'result'}: {message}"
+                ) from None
         ok = result.status is State.DONE
         error = None
         if not ok:

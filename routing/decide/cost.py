@@ -20,13 +20,12 @@ from __future__ import annotations
 import json
 import math
 import re
-import tomllib
 from collections.abc import Mapping
 from typing import Any, Final
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
-from routing.errors import ConfigError
+from routing.decide.tables import TableFile
 from routing.models import Endpoint, Route
 
 __all__ = [
@@ -115,18 +114,6 @@ class CostEstimate(BaseModel):
     warning: str | None = None
 
 
-def _header_line(text: str, parts: tuple[str, ...]) -> int | None:
-    """The 1-based line of a ``[a.b."c"]`` table header, for error messages."""
-    dotted = r"\s*\.\s*".join(
-        rf"(?:\"{re.escape(p)}\"|'{re.escape(p)}'|{re.escape(p)})" for p in parts
-    )
-    pattern = re.compile(rf"^\s*\[\s*{dotted}\s*\]")
-    for number, line in enumerate(text.splitlines(), start=1):
-        if pattern.match(line):
-            return number
-    return None
-
-
 def parse_prices(text: str, source: str = "prices.toml") -> PriceTable:
     """A price table from TOML; every error names the file, the line and the field.
 
@@ -139,43 +126,14 @@ def parse_prices(text: str, source: str = "prices.toml") -> PriceTable:
         input_usd_per_mtok = 0.15
         output_usd_per_mtok = 0.60
     """
-    try:
-        doc = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{source}: not valid TOML: {exc}") from None
-    providers = doc.get("providers")
-    if not isinstance(providers, dict) or not providers:
-        raise ConfigError(f"{source}: needs at least one [providers.NAME] table")
     prices: dict[str, dict[str, ModelPrice]] = {}
-    for provider, raw in providers.items():
-        line = _header_line(text, ("providers", provider))
-        where = f"{source}, line {line or '?'} ([providers.{provider}])"
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{where}: must be a table")
-        unknown = sorted(set(raw) - {"batch_discount", "models"})
-        if unknown:
-            raise ConfigError(f"{where}: unknown key {unknown[0]!r} (batch_discount, models)")
-        default_discount = raw.get("batch_discount", 0.0)
-        models = raw.get("models", {})
-        if not isinstance(models, dict):
-            raise ConfigError(
-                f"{where}: models must be a table of [providers.{provider}.models.NAME]"
-            )
-        table: dict[str, ModelPrice] = {}
-        for model, fields in models.items():
-            line = _header_line(text, ("providers", provider, "models", model))
-            if line is None:
-                line = _header_line(text, ("providers", provider))
-            where = f'{source}, line {line or "?"} ([providers.{provider}.models."{model}"])'
-            if not isinstance(fields, dict):
-                raise ConfigError(f"{where}: must be a table")
-            try:
-                table[model] = ModelPrice(**{"batch_discount": default_discount, **fields})
-            except ValidationError as exc:
-                first = exc.errors()[0]
-                field = ".".join(str(p) for p in first["loc"])
-                raise ConfigError(f"{where}: {field}: {first['msg']}") from None
-        prices[provider] = table
+    for provider in TableFile(text, source).tables("providers", "providers.NAME"):
+        provider.only(("batch_discount", "models"))
+        default = {"batch_discount": provider.fields.get("batch_discount", 0.0)}
+        prices[provider.name] = {
+            model.name: model.build(ModelPrice, {**default, **model.fields})
+            for model in provider.tables("models")
+        }
     return PriceTable(prices=prices, source=source)
 
 

@@ -26,30 +26,29 @@ The rules, and why:
   enough, and reads the quantile of size-normalised turnarounds, so ``Estimate.at_size(n)``
   answers for a batch of ``n`` lines.
 
-Rate-limit headroom comes from the providers' headers (``x-ratelimit-*``, ``anthropic-ratelimit-*``,
-``retry-after``): with nothing left until a reset, a realtime call waits for the reset first.
+Rate-limit headroom, the realtime route's other input, is read in ``routing.decide.ratelimit``.
 """
 
 from __future__ import annotations
 
 import math
-import re
-from collections.abc import Mapping, Sequence
-from datetime import datetime
+from collections.abc import Sequence
 from typing import Literal, NamedTuple
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from routing.decide.ratelimit import Headroom
 from routing.errors import ConfigError
 
 __all__ = [
     "DEFAULT_HALF_LIFE_S",
     "DEFAULT_MIN_SAMPLES",
     "DEFAULT_QUANTILE",
+    "DEFAULT_RULE",
     "Estimate",
+    "EstimateRule",
     "GpuEstimate",
     "GpuObs",
-    "Headroom",
     "LatencyObs",
     "Observations",
     "QuantileError",
@@ -57,8 +56,6 @@ __all__ = [
     "check_quantile",
     "gpu_estimate",
     "latency_estimate",
-    "parse_rate_limit",
-    "rate_limit_wait_s",
     "recency_weights",
     "turnaround_estimate",
     "weighted_quantile",
@@ -115,20 +112,6 @@ class GpuObs(NamedTuple):
     at: float
     texts_per_s: float | None
     queue_wait_s: float | None
-
-
-class Headroom(BaseModel):
-    """A provider's rate-limit state for one (account, model), from its last reply's headers."""
-
-    model_config = ConfigDict(frozen=True)
-
-    at: float
-    remaining_requests: int | None = None
-    limit_requests: int | None = None
-    remaining_tokens: int | None = None
-    limit_tokens: int | None = None
-    reset_at: float | None = None
-    """When the exhausted limit (or a 429's ``retry-after``) ends; None when nothing is exhausted."""
 
 
 class Observations(BaseModel):
@@ -308,46 +291,67 @@ def _size_fit(
     return ref, min(1.0, max(0.0, sxy / sxx))
 
 
+class EstimateRule(NamedTuple):
+    """How observations become an estimate: at which quantile, after how many (the prior until
+    then), and how fast old ones fade."""
+
+    quantile: float = DEFAULT_QUANTILE
+    min_samples: int = DEFAULT_MIN_SAMPLES
+    half_life_s: float = DEFAULT_HALF_LIFE_S
+
+    def prior(self, prior_s: float, seen: int) -> Estimate | None:
+        """The prior while fewer than ``min_samples`` were seen; None once enough were."""
+        check_quantile(self.quantile)
+        if seen >= self.min_samples:
+            return None
+        return Estimate(
+            seconds=prior_s,
+            quantile=self.quantile,
+            source="prior",
+            n=seen,
+            needed=self.min_samples,
+        )
+
+
+DEFAULT_RULE = EstimateRule()
+
+
 def turnaround_estimate(
     obs: Sequence[TurnaroundObs],
     now: float,
     *,
     prior_s: float,
-    quantile: float = DEFAULT_QUANTILE,
-    min_samples: int = DEFAULT_MIN_SAMPLES,
-    half_life_s: float = DEFAULT_HALF_LIFE_S,
+    rule: EstimateRule = DEFAULT_RULE,
     inflight: Sequence[TurnaroundObs] = (),
 ) -> Estimate:
-    """The ``quantile`` of a provider batch's turnaround, from ``obs`` (finished or censored).
+    """The ``rule.quantile`` of a provider batch's turnaround, from ``obs`` (finished or censored).
 
     ``inflight`` are batches still running, censored at their age; they count as evidence but
     not towards ``min_samples`` (a running batch has not told us when it ends).
     """
-    check_quantile(quantile)
-    if len(obs) < min_samples:
-        return Estimate(
-            seconds=prior_s, quantile=quantile, source="prior", n=len(obs), needed=min_samples
-        )
+    prior = rule.prior(prior_s, len(obs))
+    if prior is not None:
+        return prior
     everything = [*obs, *inflight]
     # by submission time: a batch's turnaround tells about the provider when it was created
-    weights = recency_weights([o.at - o.seconds for o in everything], now, half_life_s)
-    ref, b = _size_fit(everything, weights, min_samples)
+    weights = recency_weights([o.at - o.seconds for o in everything], now, rule.half_life_s)
+    ref, b = _size_fit(everything, weights, rule.min_samples)
     if b:
         assert ref is not None
         values = [o.seconds * (ref / max(o.size, 1)) ** b for o in everything]
     else:
         values = [o.seconds for o in everything]
     flags = [o.censored for o in everything]
-    value = weighted_quantile(values, weights, quantile, flags)
+    value = weighted_quantile(values, weights, rule.quantile, flags)
     lower_bound = value is None
     if value is None:
         value = max(values)
     return Estimate(
         seconds=value,
-        quantile=quantile,
+        quantile=rule.quantile,
         source="observed",
         n=len(obs),
-        needed=min_samples,
+        needed=rule.min_samples,
         lower_bound=lower_bound,
         ref_size=ref,
         size_exponent=b,
@@ -355,28 +359,20 @@ def turnaround_estimate(
 
 
 def latency_estimate(
-    obs: Sequence[LatencyObs],
-    now: float,
-    *,
-    prior_s: float,
-    quantile: float = DEFAULT_QUANTILE,
-    min_samples: int = DEFAULT_MIN_SAMPLES,
-    half_life_s: float = DEFAULT_HALF_LIFE_S,
+    obs: Sequence[LatencyObs], now: float, *, prior_s: float, rule: EstimateRule = DEFAULT_RULE
 ) -> Estimate:
-    """The ``quantile`` of realtime latency; the prior until ``min_samples`` calls were seen."""
-    check_quantile(quantile)
-    if len(obs) < min_samples:
-        return Estimate(
-            seconds=prior_s, quantile=quantile, source="prior", n=len(obs), needed=min_samples
-        )
-    weights = recency_weights([o.at for o in obs], now, half_life_s)
-    value = weighted_quantile([o.seconds for o in obs], weights, quantile)
+    """The ``rule.quantile`` of realtime latency; the prior until ``min_samples`` calls were seen."""
+    prior = rule.prior(prior_s, len(obs))
+    if prior is not None:
+        return prior
+    weights = recency_weights([o.at for o in obs], now, rule.half_life_s)
+    value = weighted_quantile([o.seconds for o in obs], weights, rule.quantile)
     return Estimate(
         seconds=prior_s if value is None else value,
-        quantile=quantile,
+        quantile=rule.quantile,
         source="observed",
         n=len(obs),
-        needed=min_samples,
+        needed=rule.min_samples,
     )
 
 
@@ -404,7 +400,8 @@ def gpu_estimate(
     stale = age is not None and age > max_age_s
     waits = [o for o in obs if o.queue_wait_s is not None and o.queue_wait_s >= 0]
     rates = [o for o in obs if o.texts_per_s is not None and o.texts_per_s > 0]
-    wait, rate, source = prior_wait_s, prior_texts_per_s, "prior"
+    wait, rate = prior_wait_s, prior_texts_per_s
+    source: Literal["prior", "observed"] = "prior"
     if len(waits) >= min_samples:
         w = recency_weights([o.at for o in waits], now, half_life_s)
         found = weighted_quantile([float(o.queue_wait_s or 0.0) for o in waits], w, quantile)
@@ -419,102 +416,8 @@ def gpu_estimate(
         wait_s=max(0.0, wait),
         texts_per_s=rate,
         quantile=quantile,
-        source=source,  # type: ignore[arg-type]
+        source=source,
         n=len(obs),
         age_s=age,
         stale=stale,
     )
-
-
-# -- rate-limit headers ------------------------------------------------------------------------
-
-_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|h|m|s)")
-_UNIT_S = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
-
-
-def _reset_seconds(text: str | None, now: float) -> float | None:
-    """OpenAI's ``6m0s``/``20ms``/``1.5s``, a bare number of seconds, or an RFC 3339 time."""
-    if not text:
-        return None
-    text = text.strip()
-    try:
-        value = float(text)
-    except ValueError:
-        pass
-    else:
-        return value if math.isfinite(value) and value >= 0 else None
-    parts = _DURATION_PART.findall(text)
-    if parts and "".join(n + u for n, u in parts) == text:
-        return sum(float(n) * _UNIT_S[u] for n, u in parts)
-    try:
-        when = datetime.fromisoformat(text.replace("Z", "+00:00"))
-    except ValueError:
-        return None
-    if when.tzinfo is None:
-        return None
-    return max(0.0, when.timestamp() - now)
-
-
-def _int(text: str | None) -> int | None:
-    if text is None:
-        return None
-    try:
-        return int(float(text))
-    except ValueError:
-        return None
-
-
-def parse_rate_limit(
-    headers: Mapping[str, str], now: float, *, limited: bool = False
-) -> Headroom | None:
-    """Headroom from a reply's rate-limit headers (names lower-cased); None when there are none.
-
-    ``limited`` says the reply was a 429: whatever the headers say, nothing is left until
-    ``retry-after`` (or the reported reset). OpenAI sends ``x-ratelimit-{remaining,limit,reset}-
-    {requests,tokens}``, Anthropic ``anthropic-ratelimit-{requests,tokens}-{remaining,limit,reset}``.
-    """
-    h = {k.lower(): v for k, v in headers.items()}
-
-    def pick(*names: str) -> str | None:
-        return next((h[n] for n in names if n in h), None)
-
-    rem_req = _int(pick("x-ratelimit-remaining-requests", "anthropic-ratelimit-requests-remaining"))
-    lim_req = _int(pick("x-ratelimit-limit-requests", "anthropic-ratelimit-requests-limit"))
-    rem_tok = _int(pick("x-ratelimit-remaining-tokens", "anthropic-ratelimit-tokens-remaining"))
-    lim_tok = _int(pick("x-ratelimit-limit-tokens", "anthropic-ratelimit-tokens-limit"))
-    reset_req = _reset_seconds(
-        pick("x-ratelimit-reset-requests", "anthropic-ratelimit-requests-reset"), now
-    )
-    reset_tok = _reset_seconds(
-        pick("x-ratelimit-reset-tokens", "anthropic-ratelimit-tokens-reset"), now
-    )
-    retry_ms = _reset_seconds(h.get("retry-after-ms"), now)
-    retry = retry_ms / 1000.0 if retry_ms is not None else _reset_seconds(h.get("retry-after"), now)
-    if (
-        all(v is None for v in (rem_req, lim_req, rem_tok, lim_tok, reset_req, reset_tok, retry))
-        and not limited
-    ):
-        return None
-    waits: list[float] = []
-    if rem_req == 0 and reset_req is not None:
-        waits.append(reset_req)
-    if rem_tok == 0 and reset_tok is not None:
-        waits.append(reset_tok)
-    if limited:
-        rem_req = 0 if rem_req is None else rem_req
-        waits.append(retry if retry is not None else max([reset_req or 0.0, reset_tok or 0.0]))
-    return Headroom(
-        at=now,
-        remaining_requests=rem_req,
-        limit_requests=lim_req,
-        remaining_tokens=rem_tok,
-        limit_tokens=lim_tok,
-        reset_at=now + max(waits) if waits else None,
-    )
-
-
-def rate_limit_wait_s(headroom: Headroom | None, now: float) -> float:
-    """Seconds a realtime call would wait for the provider's limit to reset (0: headroom left)."""
-    if headroom is None or headroom.reset_at is None:
-        return 0.0
-    return max(0.0, headroom.reset_at - now)

@@ -1,4 +1,4 @@
-"""Provider-batch planning: which claimed requests go into which provider batch, and the files.
+"""Provider-batch planning: which claimed requests go into which provider batch.
 
 Everything here is pure: requests, caps and ``now`` come in as arguments and a plan comes out,
 so the aggregator's choices can be table-tested and benchmarked without Redis, HTTP or a clock.
@@ -17,23 +17,19 @@ How a plan is made (``plan_batches``):
    caps on lines, bytes and embedding inputs. A line that alone breaks a cap is not planned; its
    requests come back in ``Plan.rejected`` with the reason, for the caller to fail them.
 
-Byte counts are exact: a line's size is the length of the very bytes ``write_openai_jsonl`` (or ``write_anthropic_body``) will write, because both serialise the
-body with the same encoder. Bodies are serialised twice (once to size, once to write) rather than
-kept, so memory holds one line at a time, not the whole group.
+Byte counts are exact: a line's size is the length of the very bytes the batch adapters' writer
+(``BatchAdapter.write_input``) produces, because both frame a line with ``line_frame`` and
+serialise the body with ``body_bytes``. Bodies are serialised twice (once to size, once to
+write) rather than kept, so memory holds one line at a time, not the whole group.
 
 ``PlannedBatch.fanout`` maps each line's wire ``custom_id`` to the ids of the requests it
 answers. It is the only way back from a provider's result line to our requests (Anthropic ids
 are rewritten to fit its ``custom_id`` pattern), so the caller stores it durably, with the
 batch key, before it uploads anything.
-
-Flush policy (``should_flush``) and submit windows (``window_due``, a small 5-field cron matcher)
-live here too, for the same reason: the aggregator asks, these functions answer.
 """
 
 from __future__ import annotations
 
-import calendar
-import functools
 import hashlib
 import json
 import re
@@ -41,19 +37,16 @@ import sys
 from array import array
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, date, datetime, timedelta, tzinfo
 from json.encoder import encode_basestring
-from typing import Any, BinaryIO, Final, Literal
+from typing import Any, Final, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from routing.errors import ConfigError
 from routing.models import Claimed, Endpoint, Prepared
 
 __all__ = [
     "ANTHROPIC_CAPS",
     "DEFAULT_TARGET_BYTES",
-    "FLUSH_REASONS",
     "OPENAI_CAPS",
     "PROTOCOL_ENDPOINTS",
     "BatchCaps",
@@ -61,15 +54,10 @@ __all__ = [
     "Plan",
     "PlannedBatch",
     "anthropic_custom_id",
-    "anthropic_requests",
     "body_bytes",
-    "check_window",
-    "openai_lines",
+    "file_overhead",
+    "line_frame",
     "plan_batches",
-    "should_flush",
-    "window_due",
-    "write_anthropic_body",
-    "write_openai_jsonl",
 ]
 
 BatchProtocol = Literal["openai", "anthropic"]
@@ -131,17 +119,30 @@ def body_bytes(body: dict[str, Any]) -> bytes:
     return _encode(body).encode()
 
 
-_OPENAI_HEAD = b'{"custom_id":'
-_OPENAI_MID = b',"method":"POST","url":'
-_OPENAI_BODY = b',"body":'
-_OPENAI_TAIL = b"}\n"
-_ANTHROPIC_HEAD = b'{"custom_id":'
-_ANTHROPIC_PARAMS = b',"params":'
-_ANTHROPIC_TAIL = b"}"
+_HEAD = b'{"custom_id":'
+_TAIL = b"}\n"
 _ANTHROPIC_OPEN = b'{"requests":['
 _ANTHROPIC_CLOSE = b"]}"
 
-_ANTHROPIC_ID = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
+
+def line_frame(protocol: BatchProtocol, endpoint: Endpoint) -> tuple[bytes, bytes, bytes]:
+    """The bytes of an input line around its JSON ``custom_id`` and its canonical body.
+
+    (before the custom_id, between it and the body, after the body with the newline). OpenAI
+    lines are its batch input format; Anthropic lines are the ``{"custom_id", "params"}`` items
+    of a Message Batches create, which its adapter joins with commas inside
+    ``{"requests":[...]}``. Planning sizes lines with this frame and the adapters' writer
+    writes them with it, so the two cannot drift apart.
+    """
+    if protocol == "openai":
+        return (
+            _HEAD,
+            b',"method":"POST","url":' + _encode(endpoint.value).encode() + b',"body":',
+            _TAIL,
+        )
+    return _HEAD, b',"params":', _TAIL
+
+
 _REQUEST_ID = re.compile(r"^([a-z0-9][a-z0-9_-]{0,31})\.([0-9A-HJKMNP-TV-Z]{26})$")
 
 
@@ -164,9 +165,10 @@ class PlannedBatch(BaseModel):
 
     ``fanout`` is ordered as the lines are written (earliest deadline first); each value starts
     with the request whose body the line sends. ``request_ids`` lists every request the batch
-    answers, line senders first. ``estimated_bytes`` is the exact size of the JSONL file
-    (OpenAI) or of the create request body (Anthropic) that the writers here produce. ``model``
-    is ``None`` only for an Anthropic batch that mixes models; ``models`` names them all.
+    answers, line senders first. ``estimated_bytes`` is the exact size of what the provider
+    receives: the JSONL file (OpenAI), or the create request body the Anthropic adapter builds
+    from the written lines. ``model`` is ``None`` only for an Anthropic batch that mixes models;
+    ``models`` names them all.
     """
 
     model_config = ConfigDict(frozen=True)
@@ -214,16 +216,14 @@ def _batch_key(provider: str, endpoint: Endpoint, models: Sequence[str], ids: li
 
 
 def _envelope(protocol: BatchProtocol, endpoint: Endpoint) -> int:
-    """Bytes a line adds around its body and custom_id: JSONL keys and newline, or Anthropic's
-    item keys and the comma that separates items."""
-    if protocol == "openai":
-        url = len(_encode(endpoint.value).encode())
-        return len(_OPENAI_HEAD) + len(_OPENAI_MID) + url + len(_OPENAI_BODY) + len(_OPENAI_TAIL)
-    return len(_ANTHROPIC_HEAD) + len(_ANTHROPIC_PARAMS) + len(_ANTHROPIC_TAIL) + 1
+    """Bytes a line adds around its body and custom_id: the JSONL keys and newline, or
+    Anthropic's item keys and the comma (where the file has the newline) between items."""
+    return sum(len(part) for part in line_frame(protocol, endpoint))
 
 
-def _file_overhead(protocol: BatchProtocol) -> int:
-    """Bytes a batch adds once: Anthropic's ``{"requests":[...]}`` less the comma not written."""
+def file_overhead(protocol: BatchProtocol) -> int:
+    """Bytes the provider receives beyond the written lines: Anthropic's ``{"requests":[...]}``,
+    less the last line's newline, which no comma replaces."""
     if protocol == "openai":
         return 0
     return len(_ANTHROPIC_OPEN) + len(_ANTHROPIC_CLOSE) - 1
@@ -291,7 +291,7 @@ def _build_lines(
     lines = _Lines()
     by_body: dict[bytes, int] = {}
     refused: dict[bytes, str] = {}
-    room = caps.max_bytes - _file_overhead(protocol)
+    room = caps.max_bytes - file_overhead(protocol)
     size_limit = min(room, caps.max_line_bytes or room)
     inputs_limit = caps.max_embedding_inputs or sys.maxsize
     envelope = _envelope(protocol, endpoint)
@@ -359,7 +359,7 @@ def _make_batch(
     kinds: list[tuple[str, str, str]],
 ) -> PlannedBatch:
     start, end = span
-    overhead = _file_overhead(group.protocol)
+    overhead = file_overhead(group.protocol)
     ids = lines.ids[start:end]
     fanout: dict[str, tuple[str, ...]] = dict(
         zip(lines.custom_ids[start:end], [(i,) for i in ids], strict=True)
@@ -458,304 +458,10 @@ def plan_batches(
     batches: list[PlannedBatch] = []
     for (provider, endpoint, _), group in groups.items():
         lines = _build_lines(group, endpoint, dedupe=dedupe, rejected=rejected)
-        overhead = _file_overhead(group.protocol)
+        overhead = file_overhead(group.protocol)
         batches.extend(
             _make_batch(provider, endpoint, group, lines, span, kinds)
             for span in _ranges(lines, group.caps, target_bytes, overhead)
         )
     batches.sort(key=lambda b: (b.tightest_deadline, b.key))
     return Plan(batches=batches, rejected=rejected)
-
-
-def _representative(
-    batch: PlannedBatch, lookup: Callable[[str], Prepared]
-) -> Iterator[tuple[str, bytes]]:
-    for custom_id, ids in batch.fanout.items():
-        yield custom_id, body_bytes(lookup(ids[0]).body)
-
-
-def openai_lines(batch: PlannedBatch, lookup: Callable[[str], Prepared]) -> Iterator[bytes]:
-    """The batch's OpenAI JSONL input file, one line (with its newline) at a time.
-
-    ``lookup`` gives the stored request for an id; only the first id of each fanout entry is
-    looked up, since the line sends that request's body for all of them.
-    """
-    if batch.protocol != "openai":
-        raise ValueError(f"batch {batch.key} is an {batch.protocol} batch, not openai")
-    return input_lines(batch, lookup)
-
-
-def input_lines(batch: PlannedBatch, lookup: Callable[[str], Prepared]) -> Iterator[bytes]:
-    """Lines in the OpenAI batch input format for a batch of either protocol.
-
-    Both batch adapters take this file: the OpenAI one uploads it, the Anthropic one turns each
-    line into a ``{"custom_id", "params"}`` request (its custom_ids are already Anthropic-safe).
-    """
-    middle = _OPENAI_MID + _encode(batch.endpoint.value).encode() + _OPENAI_BODY
-    for custom_id, body in _representative(batch, lookup):
-        yield b"".join(
-            (_OPENAI_HEAD, encode_basestring(custom_id).encode(), middle, body, _OPENAI_TAIL)
-        )
-
-
-def write_openai_jsonl(batch: PlannedBatch, lookup: Callable[[str], Prepared], fh: BinaryIO) -> int:
-    """Stream the JSONL file into ``fh`` (a tempfile, say); returns the bytes written.
-
-    The count equals ``batch.estimated_bytes`` unless a request's body changed since planning.
-    """
-    written = 0
-    for line in openai_lines(batch, lookup):
-        fh.write(line)
-        written += len(line)
-    return written
-
-
-def anthropic_requests(
-    batch: PlannedBatch, lookup: Callable[[str], Prepared]
-) -> Iterator[dict[str, Any]]:
-    """The ``requests[]`` items of an Anthropic Message Batches create call, one at a time."""
-    if batch.protocol != "anthropic":
-        raise ValueError(f"batch {batch.key} is an {batch.protocol} batch, not anthropic")
-    for custom_id, ids in batch.fanout.items():
-        yield {"custom_id": custom_id, "params": lookup(ids[0]).body}
-
-
-def write_anthropic_body(
-    batch: PlannedBatch, lookup: Callable[[str], Prepared], fh: BinaryIO
-) -> int:
-    """Stream the whole create body ``{"requests":[...]}`` into ``fh``; returns bytes written.
-
-    These are the bytes ``estimated_bytes`` counts against the 256 MB cap. Sending the dicts of
-    ``anthropic_requests`` through another JSON encoder gives a slightly different size.
-    """
-    if batch.protocol != "anthropic":
-        raise ValueError(f"batch {batch.key} is an {batch.protocol} batch, not anthropic")
-    fh.write(_ANTHROPIC_OPEN)
-    written = len(_ANTHROPIC_OPEN)
-    for i, (custom_id, body) in enumerate(_representative(batch, lookup)):
-        item = b"".join(
-            (
-                b"," if i else b"",
-                _ANTHROPIC_HEAD,
-                encode_basestring(custom_id).encode(),
-                _ANTHROPIC_PARAMS,
-                body,
-                _ANTHROPIC_TAIL,
-            )
-        )
-        fh.write(item)
-        written += len(item)
-    fh.write(_ANTHROPIC_CLOSE)
-    return written + len(_ANTHROPIC_CLOSE)
-
-
-# -- flush policy -------------------------------------------------------------------------------
-
-FLUSH_REASONS: Final = ("deadline", "size", "lines", "window", "max_wait", "waiting", "empty")
-"""The first word of every ``should_flush`` reason, for metrics and tests."""
-
-
-def should_flush(
-    group_size_bytes: int,
-    group_lines: int,
-    tightest_deadline: float | None,
-    now: float,
-    *,
-    target_bytes: int,
-    turnaround_s: float,
-    margin_s: float,
-    max_wait_s: float,
-    windows_due: bool,
-    oldest_enqueued_at: float | None = None,
-    wait_step_s: float = 0.0,
-    max_lines: int | None = None,
-) -> tuple[bool, str]:
-    """Whether a waiting group should be submitted now, and why, as ``"<reason>: <detail>"``.
-
-    Waiting fills batches (fewer, larger files) but spends deadline slack. The group goes when
-    waiting one more step (``wait_step_s``, the aggregator's period) plus the provider's expected
-    turnaround and a safety margin would pass its tightest deadline; when it reached its target
-    size or line cap; when a submit window is due; or when its oldest request waited
-    ``max_wait_s``. The deadline is checked first, since it is the reason that must not be lost.
-    """
-    if group_lines <= 0:
-        return False, "empty: nothing waiting"
-    if tightest_deadline is not None:
-        finish = now + wait_step_s + turnaround_s + margin_s
-        if finish > tightest_deadline:
-            return True, (
-                f"deadline: waiting {wait_step_s:g}s more, turnaround {turnaround_s:g}s and "
-                f"margin {margin_s:g}s would end {finish - tightest_deadline:.0f}s past the "
-                "tightest deadline"
-            )
-    if group_size_bytes >= target_bytes:
-        return True, f"size: {group_size_bytes} bytes reached the {target_bytes}-byte target"
-    if max_lines is not None and group_lines >= max_lines:
-        return True, f"lines: {group_lines} lines reached the cap of {max_lines}"
-    if windows_due:
-        return True, "window: a submit window is due"
-    if oldest_enqueued_at is not None and now - oldest_enqueued_at >= max_wait_s:
-        return True, (
-            f"max_wait: the oldest request waited {now - oldest_enqueued_at:.0f}s "
-            f"(max_wait {max_wait_s:g}s)"
-        )
-    slack = "" if tightest_deadline is None else f", {tightest_deadline - now:.0f}s to deadline"
-    return False, f"waiting: {group_lines} lines, {group_size_bytes} of {target_bytes} bytes{slack}"
-
-
-# -- submit windows: 5-field cron ----------------------------------------------------------------
-
-_CRON_FIELDS: Final = (
-    ("minute", 0, 59),
-    ("hour", 0, 23),
-    ("day of month", 1, 31),
-    ("month", 1, 12),
-    ("day of week", 0, 7),
-)
-_MONTH_NAMES: Final = {n.lower(): i for i, n in enumerate(calendar.month_abbr) if n}
-_DAY_NAMES: Final = {"sun": 0, "mon": 1, "tue": 2, "wed": 3, "thu": 4, "fri": 5, "sat": 6}
-_CRON_MACROS: Final = {
-    "@hourly": "0 * * * *",
-    "@daily": "0 0 * * *",
-    "@midnight": "0 0 * * *",
-    "@weekly": "0 0 * * 0",
-    "@monthly": "0 0 1 * *",
-    "@yearly": "0 0 1 1 *",
-    "@annually": "0 0 1 1 *",
-}
-_LOOKBACK_DAYS: Final = 8 * 366
-"""How far back ``window_due`` looks for a missed window: long enough for a Feb 29 window."""
-
-
-@dataclass(frozen=True, slots=True)
-class _Cron:
-    minutes: frozenset[int]
-    hours: frozenset[int]
-    days: frozenset[int]
-    months: frozenset[int]
-    weekdays: frozenset[int]
-    any_day: bool
-    any_weekday: bool
-
-    def day_matches(self, d: date) -> bool:
-        """Vixie cron's rule: with both day fields restricted, either one may match."""
-        if d.month not in self.months:
-            return False
-        dom = d.day in self.days
-        dow = d.isoweekday() % 7 in self.weekdays
-        if self.any_day or self.any_weekday:
-            return dom and dow
-        return dom or dow
-
-
-def _cron_value(text: str, names: dict[str, int], lo: int, hi: int) -> int:
-    value = names.get(text.lower()) if names else None
-    if value is None:
-        if not text.isdigit():
-            raise ValueError(f"{text!r} is not a number")
-        value = int(text)
-    if not lo <= value <= hi:
-        raise ValueError(f"{value} is outside {lo}-{hi}")
-    return value
-
-
-def _cron_field(text: str, name: str, lo: int, hi: int) -> frozenset[int]:
-    names = _MONTH_NAMES if name == "month" else _DAY_NAMES if name == "day of week" else {}
-    values: set[int] = set()
-    for part in text.split(","):
-        span, _, step_text = part.partition("/")
-        step = 1
-        if step_text:
-            if not step_text.isdigit() or int(step_text) == 0:
-                raise ValueError(f"step {step_text!r} must be a positive number")
-            step = int(step_text)
-        if span == "*":
-            start, end = lo, hi
-        elif "-" in span:
-            a, _, b = span.partition("-")
-            start, end = _cron_value(a, names, lo, hi), _cron_value(b, names, lo, hi)
-            if start > end:
-                raise ValueError(f"range {span!r} runs backwards")
-        else:
-            start = _cron_value(span, names, lo, hi)
-            end = hi if step_text else start
-        values.update(range(start, end + 1, step))
-    return frozenset(values)
-
-
-@functools.lru_cache(maxsize=256)
-def _parse_cron(expr: str) -> _Cron:
-    fields = _CRON_MACROS.get(expr.strip().lower(), expr).split()
-    if len(fields) != 5:
-        raise ConfigError(
-            f"submit window {expr!r}: a crontab needs 5 fields "
-            "(minute hour day-of-month month day-of-week), or @hourly/@daily/@weekly/..."
-        )
-    parsed: list[frozenset[int]] = []
-    for text, (name, lo, hi) in zip(fields, _CRON_FIELDS, strict=True):
-        try:
-            parsed.append(_cron_field(text, name, lo, hi))
-        except ValueError as exc:
-            raise ConfigError(f"submit window {expr!r}: {name} {text!r}: {exc}") from None
-    minutes, hours, days, months, weekdays = parsed
-    weekdays = frozenset(d % 7 for d in weekdays)
-    any_day, any_weekday = fields[2].startswith("*"), fields[4].startswith("*")
-    longest = {m: calendar.monthrange(2024, m)[1] for m in months}
-    if any_weekday and not any(d <= longest[m] for m in months for d in days):
-        raise ConfigError(
-            f"submit window {expr!r}: that day of month never occurs, so it never fires"
-        )
-    return _Cron(minutes, hours, days, months, weekdays, any_day, any_weekday)
-
-
-def _latest_fire(cron: _Cron, now: datetime, earliest: date) -> datetime | None:
-    """The last minute at or before ``now`` that the crontab names, searching back to ``earliest``."""
-    day = now.date()
-    bound = now.hour * 60 + now.minute
-    hours = sorted(cron.hours, reverse=True)
-    minutes = sorted(cron.minutes, reverse=True)
-    while day >= earliest:
-        if cron.day_matches(day):
-            for hour in hours:
-                if hour * 60 > bound:
-                    continue
-                for minute in minutes:
-                    if hour * 60 + minute <= bound:
-                        return datetime(
-                            day.year, day.month, day.day, hour, minute, tzinfo=now.tzinfo
-                        )
-        day -= timedelta(days=1)
-        bound = 23 * 60 + 59
-    return None
-
-
-def check_window(crontab_expr: str) -> None:
-    """Raise ``ConfigError`` naming ``crontab_expr`` if it is not a usable submit window."""
-    _parse_cron(crontab_expr)
-
-
-def window_due(crontab_expr: str, last_run: float | None, now: float, *, tz: tzinfo = UTC) -> bool:
-    """Whether a submit window such as ``"0 23 * * *"`` has come since ``last_run``.
-
-    Due when a minute the crontab names lies in ``(last_run, now]``, so a window missed while
-    the aggregator was down is still honoured once. With no ``last_run`` it is due only during a
-    named minute itself. Times are read in ``tz`` (UTC by default). An invalid expression
-    raises ``ConfigError`` naming it, so a bad lanes file fails at load, not at 23:00.
-    """
-    cron = _parse_cron(crontab_expr)
-    now_dt = datetime.fromtimestamp(now, tz)
-    if last_run is None:
-        start = now_dt.replace(second=0, microsecond=0)
-        return (
-            cron.day_matches(start.date())
-            and start.hour in cron.hours
-            and start.minute in cron.minutes
-        )
-    if last_run >= now:
-        return False
-    earliest = max(
-        datetime.fromtimestamp(last_run, tz).date(),
-        (now_dt - timedelta(days=_LOOKBACK_DAYS)).date(),
-    )
-    fire = _latest_fire(cron, now_dt, earliest)
-    return fire is not None and fire.timestamp() > last_run

@@ -1,128 +1,51 @@
 """Route choice: pure functions over a request, its deadline, estimates and ``now``; no I/O.
 
-DESIGN.md's rule, per request: list every route that can serve it (a provider batch per
+Per request (docs/architecture.md): list every route that can serve it (a provider batch per
 account, the local GPU when the model is served locally, realtime per account), each with its
 expected finish at the configured quantile (p95 by default) and its expected cost from the
 price table. **The cheapest whose finish plus margin is before the deadline wins; if none fits,
 the fastest.** Every candidate, its estimate and its cost are kept in the ``Decision`` so
 ``mixbatch explain ID`` can say why a request went where it went.
 
-Margins, and why they differ: a provider batch carries ``margin_s`` and at least the time the
-hedge needs (the fastest alternative plus ``hedge_margin_s``), so a batch is never chosen for a
-request it would have to give up at once; realtime and GPU carry ``fast_margin_s``, small,
-since their tails are seconds. A batch's finish is its turnaround estimate plus
-``batch_overhead_s`` (one flush step and the poll lag).
-
-A request already in a batch is re-routed (hedged) when its remaining slack falls below the
-fastest alternative's learned finish plus the hedge margin (``should_hedge``), and a waiting
-group flushes when one more step of waiting would push its tightest deadline past the batch's
-finish plus margin (``batch_turnaround_s`` feeds ``routing.decide.planner.should_flush``).
+Margins, and why they differ: a provider batch carries the margin of
+``routing.decide.hedge.batch_margin_s`` (never less than a hedge needs); realtime and GPU carry
+``fast_margin_s``, small, since their tails are seconds. A batch's finish is its turnaround
+estimate plus ``batch_overhead_s`` (one flush step and the poll lag).
 
 Without a price for a candidate the request still routes, on deadline alone, in the design's
 price order (local GPU, provider batch, realtime), and the decision carries a warning naming the
-model. ``learn`` turns observations (``routing.decide.estimates.Observations``) into the options.
+model. What the choice knows besides the request is ``routing.decide.options.RouteOptions``.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field
 
-from routing.decide.cost import PriceTable, estimate_cost
-from routing.decide.estimates import (
-    DEFAULT_HALF_LIFE_S,
-    DEFAULT_MIN_SAMPLES,
-    DEFAULT_QUANTILE,
-    Estimate,
-    GpuEstimate,
-    Observations,
-    check_quantile,
-    gpu_estimate,
-    latency_estimate,
-    rate_limit_wait_s,
-    turnaround_estimate,
+from routing.decide.cost import estimate_cost
+from routing.decide.hedge import batch_margin_s, batch_turnaround_s, local_gpu, realtime_finish
+from routing.decide.options import (
+    LOCAL_PROVIDER,
+    PROVIDER_BY_ENDPOINT,
+    RouteOptions,
+    serving_accounts,
 )
-from routing.models import Endpoint, Prepared, Route
+from routing.models import Prepared, Route
 
 __all__ = [
-    "LOCAL_PROVIDER",
-    "PROVIDER_BY_ENDPOINT",
     "Candidate",
     "Decision",
-    "RouteOptions",
-    "batch_margin_s",
-    "batch_turnaround_s",
     "choose_route",
     "decide",
     "group_key",
-    "hedge_alternative_s",
-    "learn",
     "provider_for",
     "request_costs",
-    "should_hedge",
 ]
-
-#: Which provider account serves an endpoint when the model names none of its own.
-PROVIDER_BY_ENDPOINT: dict[Endpoint, str] = {
-    Endpoint.CHAT: "openai",
-    Endpoint.EMBEDDINGS: "openai",
-    Endpoint.RESPONSES: "openai",
-    Endpoint.MESSAGES: "anthropic",
-}
-
-#: The provider name of the GPU route (its results, its price-table entries, its group key).
-LOCAL_PROVIDER = "local"
 
 #: Order of preference when prices are unknown: the design's typical price order.
 _PRICE_ORDER = {Route.GPU: 0, Route.BATCH: 1, Route.REALTIME: 2}
-
-
-class RouteOptions(BaseModel):
-    """What the choice knows besides the request: priors, learned estimates, margins, prices.
-
-    The first four fields are the static rule's (``batch_turnaround_s`` the per-account prior,
-    ``realtime_estimate_s`` the realtime prior); the rest default to "nothing learned", so
-    ``RouteOptions()`` behaves as the static rule did. ``learn`` fills the ``*_estimates``.
-    """
-
-    model_config = ConfigDict(frozen=True, arbitrary_types_allowed=True)
-
-    batch_turnaround_s: dict[str, float] = Field(default_factory=dict)
-    margin_s: float = 600.0
-    hedge_margin_s: float = 120.0
-    realtime_estimate_s: float = 30.0
-
-    quantile: float = DEFAULT_QUANTILE
-    min_samples: int = Field(default=DEFAULT_MIN_SAMPLES, ge=1)
-    half_life_s: float = Field(default=DEFAULT_HALF_LIFE_S, gt=0)
-    fast_margin_s: float = Field(default=5.0, ge=0)
-    batch_overhead_s: float = Field(default=0.0, ge=0)
-    #: endpoint value -> accounts that can serve it; empty: ``PROVIDER_BY_ENDPOINT``
-    accounts: dict[str, tuple[str, ...]] = Field(default_factory=dict)
-    prices: PriceTable | None = None
-    #: "account|endpoint|model" (and "account|*", pooled) -> turnaround at the quantile
-    batch_estimates: dict[str, Estimate] = Field(default_factory=dict)
-    #: "account|model" (and "account|*") -> realtime latency at the quantile
-    realtime_estimates: dict[str, Estimate] = Field(default_factory=dict)
-    #: "account|model" -> seconds until the rate limit resets (0 or absent: headroom left)
-    realtime_wait_s: dict[str, float] = Field(default_factory=dict)
-    #: model names (aliases included) the local GPU worker serves: the only GPU candidates
-    local_models: frozenset[str] = frozenset()
-    #: model name or alias -> the GPU's estimate; a local model without one uses the priors
-    gpu: dict[str, GpuEstimate] = Field(default_factory=dict)
-    gpu_prior_wait_s: float = Field(default=2.0, ge=0)
-    gpu_prior_texts_per_s: float = Field(default=50.0, gt=0)
-    gpu_overhead_s: float = Field(default=1.0, ge=0)
-    gpu_max_age_s: float = Field(default=900.0, gt=0)
-    gpu_usd_per_hour: float = Field(default=1.0, ge=0)
-
-    @field_validator("quantile")
-    @classmethod
-    def _quantile(cls, v: float) -> float:
-        return check_quantile(v)
 
 
 class Candidate(BaseModel):
@@ -162,99 +85,6 @@ def provider_for(request: Prepared) -> str:
     return PROVIDER_BY_ENDPOINT[request.endpoint]
 
 
-def _accounts(options: RouteOptions, endpoint: str, model: str) -> tuple[str, ...]:
-    """Accounts that can serve ``model`` at ``endpoint``.
-
-    One account per endpoint unless ``options.accounts`` lists several; then, with a price
-    table, only those that price the model (an account without the model in the table is taken
-    not to serve it), falling back to the first listed so a request always has a candidate.
-    """
-    given = options.accounts.get(endpoint)
-    if not given:
-        return (PROVIDER_BY_ENDPOINT[Endpoint(endpoint)],)
-    if len(given) == 1 or options.prices is None:
-        return given
-    serving = tuple(a for a in given if options.prices.lookup(a, model) is not None)
-    return serving or given[:1]
-
-
-def _prior_estimate(seconds: float, options: RouteOptions) -> Estimate:
-    return Estimate(
-        seconds=seconds, quantile=options.quantile, source="prior", needed=options.min_samples
-    )
-
-
-def _pick(options: RouteOptions, table: Mapping[str, Estimate], *keys: str) -> Estimate | None:
-    """The first observed estimate under ``keys`` (exact key, then the account's pool)."""
-    for key in keys:
-        found = table.get(key)
-        if found is not None and found.source == "observed":
-            return found
-    return None
-
-
-def batch_turnaround_s(
-    options: RouteOptions,
-    account: str,
-    endpoint: str,
-    model: str,
-    size: float | None = None,
-) -> tuple[float, Estimate] | None:
-    """Turnaround at the quantile of a batch of ``size`` lines (None: no batch route there)."""
-    prior = options.batch_turnaround_s.get(account)
-    if prior is None:
-        return None
-    est = _pick(
-        options, options.batch_estimates, f"{account}|{endpoint}|{model}", f"{account}|*"
-    ) or _prior_estimate(prior, options)
-    return est.at_size(size), est
-
-
-def _realtime(options: RouteOptions, account: str, model: str) -> tuple[float, Estimate, float]:
-    """(finish seconds, latency estimate, rate-limit wait) of a realtime call."""
-    est = _pick(
-        options, options.realtime_estimates, f"{account}|{model}", f"{account}|*"
-    ) or _prior_estimate(options.realtime_estimate_s, options)
-    wait = options.realtime_wait_s.get(f"{account}|{model}", 0.0)
-    return est.seconds + wait, est, wait
-
-
-def _gpu(options: RouteOptions, model: str) -> GpuEstimate | None:
-    if model not in options.local_models:
-        return None
-    return options.gpu.get(model) or GpuEstimate(
-        model=model,
-        wait_s=options.gpu_prior_wait_s,
-        texts_per_s=options.gpu_prior_texts_per_s,
-        quantile=options.quantile,
-    )
-
-
-def hedge_alternative_s(
-    options: RouteOptions, endpoint: str | None = None, model: str | None = None
-) -> float:
-    """Seconds the fastest non-batch route needs for this model: what a hedge must leave.
-
-    Without a model (the static callers) it is the realtime prior, as before.
-    """
-    if endpoint is None or model is None:
-        return options.realtime_estimate_s
-    best = min(_realtime(options, a, model)[0] for a in _accounts(options, endpoint, model))
-    gpu = _gpu(options, model)
-    if gpu is not None and not gpu.stale:
-        best = min(best, gpu.finish_s + options.gpu_overhead_s)
-    return best
-
-
-def batch_margin_s(
-    options: RouteOptions, endpoint: str | None = None, model: str | None = None
-) -> float:
-    """The batch route's safety margin: ``margin_s``, and never less than what a hedge needs."""
-    return max(
-        options.margin_s, hedge_alternative_s(options, endpoint, model) + options.hedge_margin_s
-    )
-
-
 def request_costs(
     request: Prepared, options: RouteOptions
 ) -> tuple[dict[tuple[Route, str], float | None], list[str]]:
@@ -270,7 +100,7 @@ def request_costs(
     if table is None:
         return out, warnings
     endpoint = request.endpoint.value
-    for account in _accounts(options, endpoint, request.model):
+    for account in serving_accounts(options, endpoint, request.model):
         routes = [Route.REALTIME]
         if account in options.batch_turnaround_s:
             routes.append(Route.BATCH)
@@ -307,80 +137,58 @@ def decide(
     ``costs`` maps (route, account) to expected USD (None or absent: unknown). ``choose_route``
     builds it from a request with ``request_costs``; the simulation passes precomputed ones.
     """
-    costs = costs or {}
+    costs = dict(costs or {})
+    gpu = local_gpu(options, model)
+    if gpu is not None and costs.get((Route.GPU, LOCAL_PROVIDER)) is None:
+        # no table price for the local route: the hardware's hourly price at the learned rate
+        costs[(Route.GPU, LOCAL_PROVIDER)] = gpu.usd_per_request(options.gpu_usd_per_hour)
     priced = options.prices is not None
     slack = deadline - now
-    alternative = hedge_alternative_s(options, endpoint, model)
-    batch_margin = max(options.margin_s, alternative + options.hedge_margin_s)
+    batch_margin = batch_margin_s(options, endpoint, model)
     fast = options.fast_margin_s
     candidates: list[Candidate] = []
-    accounts = _accounts(options, endpoint, model)
+
+    def add(
+        route: Route, provider: str, finish: float, margin: float, spent: str, est: str
+    ) -> None:
+        """One candidate; ``spent`` says what its ``finish`` is made of, for ``explain``."""
+        fits = finish + margin <= slack
+        verdict = f"margin {_fmt(margin)} {'<=' if fits else '>'} slack {_fmt(slack)}"
+        candidates.append(
+            Candidate(
+                route=route,
+                provider=provider,
+                expected_finish_s=finish,
+                expected_cost_usd=costs.get((route, provider)),
+                margin_s=margin,
+                fits=fits,
+                estimate=est,
+                why=spent if math.isinf(finish) else f"{spent} + {verdict}",
+            )
+        )
+
+    accounts = serving_accounts(options, endpoint, model)
     for account in accounts:
         turnaround = batch_turnaround_s(options, account, endpoint, model)
-        if turnaround is None:
-            continue
-        seconds, est = turnaround
-        finish = seconds + options.batch_overhead_s
-        fits = finish + batch_margin <= slack
-        candidates.append(
-            Candidate(
-                route=Route.BATCH,
-                provider=account,
-                expected_finish_s=finish,
-                expected_cost_usd=costs.get((Route.BATCH, account)),
-                margin_s=batch_margin,
-                fits=fits,
-                estimate=est.describe(),
-                why=(
-                    f"turnaround {_fmt(seconds)} + overhead {_fmt(options.batch_overhead_s)}"
-                    f" + margin {_fmt(batch_margin)} {'<=' if fits else '>'} slack {_fmt(slack)}"
-                ),
-            )
-        )
-    gpu = _gpu(options, model)
+        if turnaround is not None:
+            seconds, est = turnaround
+            overhead = options.batch_overhead_s
+            spent = f"turnaround {_fmt(seconds)} + overhead {_fmt(overhead)}"
+            add(Route.BATCH, account, seconds + overhead, batch_margin, spent, est.describe())
     if gpu is not None:
-        finish = gpu.finish_s + options.gpu_overhead_s
-        fits = (not gpu.stale) and finish + fast <= slack
-        cost = costs.get((Route.GPU, LOCAL_PROVIDER))
-        if cost is None:
-            cost = gpu.usd_per_request(options.gpu_usd_per_hour)
-        candidates.append(
-            Candidate(
-                route=Route.GPU,
-                provider=LOCAL_PROVIDER,
-                expected_finish_s=math.inf if gpu.stale else finish,
-                expected_cost_usd=cost,
-                margin_s=fast,
-                fits=fits,
-                estimate=gpu.describe(),
-                why=(
-                    "no live GPU worker"
-                    if gpu.stale
-                    else f"wait {gpu.wait_s:.1f}s + service {gpu.service_s:.2f}s + overhead "
-                    f"{options.gpu_overhead_s:g}s + margin {_fmt(fast)} "
-                    f"{'<=' if fits else '>'} slack {_fmt(slack)}"
-                ),
-            )
+        overhead = options.gpu_overhead_s
+        spent = (
+            "no live GPU worker"
+            if gpu.stale
+            else f"wait {gpu.wait_s:.1f}s + service {gpu.service_s:.2f}s + overhead {overhead:g}s"
         )
+        finish = math.inf if gpu.stale else gpu.finish_s + overhead
+        add(Route.GPU, LOCAL_PROVIDER, finish, fast, spent, gpu.describe())
     for account in accounts:
-        finish, est, wait = _realtime(options, account, model)
-        fits = finish + fast <= slack
+        finish, est, wait = realtime_finish(options, account, model)
         limit = f" + rate-limit wait {wait:.0f}s" if wait else ""
-        candidates.append(
-            Candidate(
-                route=Route.REALTIME,
-                provider=account,
-                expected_finish_s=finish,
-                expected_cost_usd=costs.get((Route.REALTIME, account)),
-                margin_s=fast,
-                fits=fits,
-                estimate=est.describe(),
-                why=(
-                    f"latency {est.seconds:.1f}s{limit} + margin {_fmt(fast)} "
-                    f"{'<=' if fits else '>'} slack {_fmt(slack)}"
-                ),
-            )
-        )
+        spent = f"latency {est.seconds:.1f}s{limit}"
+        add(Route.REALTIME, account, finish, fast, spent, est.describe())
     warns = list(warnings or [])
     unknown = [c for c in candidates if c.expected_cost_usd is None]
     by_deadline = not priced or bool(unknown)
@@ -435,98 +243,6 @@ def choose_route(request: Prepared, now: float, options: RouteOptions | None = N
     )
 
 
-def should_hedge(
-    deadline: float,
-    now: float,
-    options: RouteOptions,
-    *,
-    endpoint: str | None = None,
-    model: str | None = None,
-) -> bool:
-    """A request waiting on a provider batch must leave it now to be answered in time.
-
-    "Now" is when the remaining slack falls below the fastest alternative's learned finish
-    (realtime, or the GPU when the model is served locally) plus the hedge margin.
-    """
-    return deadline - now < hedge_alternative_s(options, endpoint, model) + options.hedge_margin_s
-
-
 def group_key(request: Prepared, decision: Decision) -> tuple[str, str, str]:
     """Requests sharing this key can share a task (and a provider batch)."""
     return (decision.route.value, decision.provider, request.model)
-
-
-def learn(base: RouteOptions, seen: Observations, now: float) -> RouteOptions:
-    """``base`` with every estimate the observations support (the rest stay on the priors).
-
-    Batch turnarounds are estimated per (account, endpoint, model) and pooled per account (a
-    new model borrows its account's behaviour before it has its own history); realtime latency
-    per (account, model) and per account; the GPU per model, under its aliases too.
-    """
-    q, n, half = base.quantile, base.min_samples, base.half_life_s
-    batch: dict[str, Estimate] = {}
-    pooled: dict[str, list[Any]] = {}
-    pooled_running: dict[str, list[Any]] = {}
-    keys = set(seen.batch) | set(seen.inflight)
-    for key in keys:
-        account = key.split("|", 1)[0]
-        prior = base.batch_turnaround_s.get(account)
-        if prior is None:
-            continue
-        done, running = seen.batch.get(key, []), seen.inflight.get(key, [])
-        pooled.setdefault(account, []).extend(done)
-        pooled_running.setdefault(account, []).extend(running)
-        batch[key] = turnaround_estimate(
-            done,
-            now,
-            prior_s=prior,
-            quantile=q,
-            min_samples=n,
-            half_life_s=half,
-            inflight=running,
-        )
-    for account, done in pooled.items():
-        batch[f"{account}|*"] = turnaround_estimate(
-            done,
-            now,
-            prior_s=base.batch_turnaround_s[account],
-            quantile=q,
-            min_samples=n,
-            half_life_s=half,
-            inflight=pooled_running.get(account, []),
-        )
-    realtime: dict[str, Estimate] = {}
-    by_account: dict[str, list[Any]] = {}
-    for key, obs in seen.realtime.items():
-        realtime[key] = latency_estimate(
-            obs, now, prior_s=base.realtime_estimate_s, quantile=q, min_samples=n, half_life_s=half
-        )
-        by_account.setdefault(key.split("|", 1)[0], []).extend(obs)
-    for account, obs in by_account.items():
-        realtime[f"{account}|*"] = latency_estimate(
-            obs, now, prior_s=base.realtime_estimate_s, quantile=q, min_samples=n, half_life_s=half
-        )
-    waits = {key: w for key, h in seen.headroom.items() if (w := rate_limit_wait_s(h, now)) > 0}
-    gpu: dict[str, GpuEstimate] = {}
-    for model, reports in seen.gpu.items():
-        gpu[model] = gpu_estimate(
-            model,
-            reports,
-            now,
-            prior_wait_s=base.gpu_prior_wait_s,
-            prior_texts_per_s=base.gpu_prior_texts_per_s,
-            quantile=q,
-            half_life_s=half,
-            max_age_s=base.gpu_max_age_s,
-        )
-    for alias, model in seen.gpu_aliases.items():
-        if model in gpu and alias not in gpu:
-            gpu[alias] = gpu[model]
-    return base.model_copy(
-        update={
-            "batch_estimates": batch,
-            "realtime_estimates": realtime,
-            "realtime_wait_s": waits,
-            "gpu": gpu,
-        }
-    )

@@ -17,14 +17,13 @@ from routing.providers.base import (
     RealtimeAdapter,
     call_with_retries,
 )
-from routing.providers.batch import (
+from routing.providers.batch import BatchAdapter, batch_adapter_class, batch_adapter_for
+from routing.providers.batch_jobs import (
     TERMINAL_BATCH_STATUSES,
-    BatchAdapter,
     BatchJob,
     BatchStatus,
     LineError,
     LineResult,
-    batch_adapter_for,
 )
 from routing.providers.capabilities import (
     ProviderCapabilities,
@@ -53,6 +52,7 @@ __all__ = [
     "RealtimeAdapter",
     "account_for",
     "adapter_for",
+    "batch_adapter_class",
     "batch_adapter_for",
     "call_with_retries",
     "load_providers",

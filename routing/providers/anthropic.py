@@ -10,23 +10,30 @@ from __future__ import annotations
 from typing import ClassVar
 
 from routing.models import Endpoint
-from routing.providers.base import RealtimeAdapter
+from routing.providers.base import AccountClient, RealtimeAdapter
 
-__all__ = ["AnthropicAdapter"]
+__all__ = ["AnthropicAdapter", "AnthropicProtocol"]
 
 
-class AnthropicAdapter(RealtimeAdapter):
-    """``x-api-key`` and ``anthropic-version`` headers; the request id comes back in ``request-id``."""
+class AnthropicProtocol(AccountClient):
+    """What Anthropic's adapters share, realtime and batch: its endpoint and auth.
+
+    ``x-api-key`` and ``anthropic-version`` headers; the request id comes back in ``request-id``.
+    """
 
     kind: ClassVar[str] = "anthropic"
     endpoints: ClassVar[frozenset[Endpoint]] = frozenset({Endpoint.MESSAGES})
     request_id_header: ClassVar[str] = "request-id"
-
-    def path_for(self, endpoint: Endpoint) -> str:
-        return endpoint.value
 
     def auth_headers(self) -> dict[str, str]:
         headers = {"anthropic-version": self.account.anthropic_version}
         if self.account.api_key:
             headers["x-api-key"] = self.account.api_key.get_secret_value()
         return headers
+
+
+class AnthropicAdapter(AnthropicProtocol, RealtimeAdapter):
+    """The synchronous API: one POST per call to ``/v1/messages`` under ``base_url``."""
+
+    def path_for(self, endpoint: Endpoint) -> str:
+        return endpoint.value

@@ -1,7 +1,9 @@
 """Anthropic's Message Batches: requests inline in one POST, results as one JSONL stream.
 
-The planner writes OpenAI batch input lines for every provider; here each line's ``body``
-becomes a request's ``params``, and the whole ``{"requests": [...]}`` document is produced
+The input file holds one request per line: either an item of the create call,
+``{"custom_id", "params"}`` (what ``write_input`` writes for a planned batch), sent as it is,
+or a line in the OpenAI batch input format, whose ``body`` becomes the ``params`` (so an
+existing batch file works unchanged). The whole ``{"requests": [...]}`` document is produced
 line by line as the request body, never held in memory. A first pass over the file checks
 every line (JSON, ``custom_id`` rules, url, model) and measures the exact body, so a bad line is
 reported with its number before anything is sent, the 256 MB cap is checked against what
@@ -24,8 +26,9 @@ from urllib.parse import urlsplit
 
 from routing.errors import MalformedInput, ProviderError
 from routing.models import Endpoint, ErrorInfo
-from routing.providers.batch import (
-    BatchAdapter,
+from routing.providers.anthropic import AnthropicProtocol
+from routing.providers.batch import BatchAdapter
+from routing.providers.batch_jobs import (
     BatchJob,
     BatchStatus,
     LineResult,
@@ -71,25 +74,20 @@ def _count(counts: dict[str, Any], name: str) -> int:
     return value if isinstance(value, int) and not isinstance(value, bool) else 0
 
 
-class AnthropicBatchAdapter(BatchAdapter):
-    """``x-api-key`` auth; ``account.base_url`` has no ``/v1`` (the Anthropic SDK's convention)."""
+class AnthropicBatchAdapter(AnthropicProtocol, BatchAdapter):
+    """Message Batches; ``account.base_url`` has no ``/v1`` (the Anthropic SDK's convention)."""
 
-    kind: ClassVar[str] = "anthropic"
-    endpoints: ClassVar[frozenset[Endpoint]] = frozenset({Endpoint.MESSAGES})
-    request_id_header: ClassVar[str] = "request-id"
     page_limit_max: ClassVar[int] = 1000
-
-    def auth_headers(self) -> dict[str, str]:
-        headers = {"anthropic-version": self.account.anthropic_version}
-        if self.account.api_key:
-            headers["x-api-key"] = self.account.api_key.get_secret_value()
-        return headers
 
     def _batch_path(self, batch_id: str) -> str:
         return f"{_BATCHES}/{self._quote(batch_id)}"
 
     def _request_bytes(self, path: Path, number: int, raw: bytes) -> tuple[str, bytes]:
-        """One input line as ``{"custom_id", "params"}`` JSON, checked; raises naming the line."""
+        """One input line as a ``{"custom_id", "params"}`` item, checked; raises naming the line.
+
+        A line in Anthropic's own shape (what ``write_input`` writes) is sent as it is; a line
+        in the OpenAI batch input format has its ``body`` sent as ``params``.
+        """
         try:
             obj = json.loads(raw)
         except ValueError as exc:
@@ -104,6 +102,13 @@ class AnthropicBatchAdapter(BatchAdapter):
                 line=number,
                 source=path.name,
             )
+        native = "params" in obj
+        if native and set(obj) != {"custom_id", "params"}:
+            raise MalformedInput(
+                "a request line in Anthropic's shape has only custom_id and params",
+                line=number,
+                source=path.name,
+            )
         url = obj.get("url", Endpoint.MESSAGES.value)
         if url != Endpoint.MESSAGES.value or str(obj.get("method", "POST")).upper() != "POST":
             raise MalformedInput(
@@ -112,12 +117,15 @@ class AnthropicBatchAdapter(BatchAdapter):
                 line=number,
                 source=path.name,
             )
-        body = obj.get("body")
+        body = obj["params"] if native else obj.get("body")
         if not isinstance(body, dict):
-            raise MalformedInput("body must be a JSON object", line=number, source=path.name)
+            field = "params" if native else "body"
+            raise MalformedInput(f"{field} must be a JSON object", line=number, source=path.name)
         model = body.get("model")
         if isinstance(model, str):
             self.capabilities.require_model(model)
+        if native:
+            return custom_id, raw.strip()
         request = {"custom_id": custom_id, "params": body}
         return custom_id, json.dumps(request, separators=(",", ":"), ensure_ascii=False).encode()
 

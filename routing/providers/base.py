@@ -30,8 +30,7 @@ import math
 import random
 import time
 from collections.abc import Callable, Iterator, Mapping
-from types import TracebackType
-from typing import Any, ClassVar, Literal, TypeVar
+from typing import Any, ClassVar, Literal, Self, TypeVar
 
 import httpx
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
@@ -41,6 +40,7 @@ from routing.errors import ConfigError, ProviderError, ProviderTimeout, RateLimi
 from routing.models import Endpoint
 
 __all__ = [
+    "AccountClient",
     "ProviderAccount",
     "ProviderResponse",
     "RealtimeAdapter",
@@ -223,35 +223,27 @@ def map_transport_errors(
         ) from None
 
 
-class RealtimeAdapter(abc.ABC):
-    """One provider account's synchronous API: ``call`` POSTs once and returns or raises ours.
+class AccountClient(abc.ABC):
+    """What every adapter is: one account speaking one protocol, and the HTTP client it uses.
 
-    Pass ``client`` to share a connection pool (and its limits) between adapters; an adapter
-    closes only a client it created itself. The client is created with
-    ``max_connections = account.max_concurrency``, a per-process bound; the cross-process
-    bound is ``routing.store.semaphore.RedisSemaphore``.
+    Pass ``client`` to share a connection pool between adapters; an adapter closes only a
+    client it created itself. A protocol says which endpoints it serves, where the provider's
+    request id comes back and which headers authenticate (the only place the key is read).
     """
 
     kind: ClassVar[str]
     endpoints: ClassVar[frozenset[Endpoint]]
     request_id_header: ClassVar[str] = "x-request-id"
+    route_name: ClassVar[str]
+    """The route the adapter serves ("realtime", "batch"), for messages."""
 
-    def __init__(self, account: ProviderAccount, client: httpx.Client | None = None) -> None:
-        if account.kind != self.kind:
-            raise ConfigError(
-                f"{type(self).__name__} cannot serve account {account.name!r} of kind "
-                f"{account.kind!r}; use adapter_for(account)"
-            )
+    def __init__(
+        self, account: ProviderAccount, client: httpx.Client | None, **client_options: Any
+    ) -> None:
         self.account = account
         self._owns_client = client is None
         if client is None:
-            client = httpx.Client(
-                timeout=account.timeout_s,
-                limits=httpx.Limits(
-                    max_connections=account.max_concurrency,
-                    max_keepalive_connections=account.max_concurrency,
-                ),
-            )
+            client = httpx.Client(timeout=account.timeout_s, **client_options)
         self._client = client
 
     def __repr__(self) -> str:
@@ -260,29 +252,76 @@ class RealtimeAdapter(abc.ABC):
         )
 
     @abc.abstractmethod
-    def path_for(self, endpoint: Endpoint) -> str:
-        """The path appended to ``account.base_url`` for ``endpoint``."""
-        ...
-
-    @abc.abstractmethod
     def auth_headers(self) -> dict[str, str]:
-        """Headers that authenticate and version the request (the only place the key is read)."""
+        """Headers that authenticate and version a request (the only place the key is read)."""
         ...
 
     def resolve_endpoint(self, endpoint: Endpoint | str) -> Endpoint:
-        """``endpoint`` as an ``Endpoint`` this provider serves, else a non-retryable error."""
-        supported = ", ".join(sorted(e.value for e in self.endpoints))
+        """``endpoint`` as an ``Endpoint`` this adapter serves, else a non-retryable error."""
         try:
-            value = Endpoint(endpoint)
+            value: Endpoint | None = Endpoint(endpoint)
         except ValueError:
             value = None
         if value is None or value not in self.endpoints:
+            supported = ", ".join(sorted(e.value for e in self.endpoints))
             raise ProviderError(
-                f"{self.account.name} ({self.kind}) has no realtime endpoint {str(endpoint)!r} "
-                f"(supported: {supported})",
+                f"{self.account.name} ({self.kind}) has no {self.route_name} endpoint "
+                f"{str(endpoint)!r} (supported: {supported})",
                 retryable=False,
             )
         return value
+
+    def _error_for(self, method: str, path: str, response: httpx.Response) -> ProviderError:
+        """An error reply as our error, with the provider's request id and secrets scrubbed."""
+        return error_for_response(
+            self.account.name,
+            path,
+            response,
+            request_id=response.headers.get(self.request_id_header),
+            now=time.time(),
+            redact=self._redact,
+            method=method,
+        )
+
+    def _redact(self, text: str) -> str:
+        return redact_secret(text, self.account.api_key)
+
+    def close(self) -> None:
+        if self._owns_client:
+            self._client.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+class RealtimeAdapter(AccountClient):
+    """One provider account's synchronous API: ``call`` POSTs once and returns or raises ours.
+
+    The client an adapter creates has ``max_connections = account.max_concurrency``, a
+    per-process bound; the cross-process bound is ``routing.store.semaphore.RedisSemaphore``.
+    """
+
+    route_name: ClassVar[str] = "realtime"
+
+    def __init__(self, account: ProviderAccount, client: httpx.Client | None = None) -> None:
+        if account.kind != self.kind:
+            raise ConfigError(
+                f"{type(self).__name__} cannot serve account {account.name!r} of kind "
+                f"{account.kind!r}; use adapter_for(account)"
+            )
+        limits = httpx.Limits(
+            max_connections=account.max_concurrency,
+            max_keepalive_connections=account.max_concurrency,
+        )
+        super().__init__(account, client, limits=limits)
+
+    @abc.abstractmethod
+    def path_for(self, endpoint: Endpoint) -> str:
+        """The path appended to ``account.base_url`` for ``endpoint``."""
+        ...
 
     def call(
         self, endpoint: Endpoint | str, body: dict[str, Any], *, timeout_s: float | None = None
@@ -299,14 +338,7 @@ class RealtimeAdapter(abc.ABC):
         latency = time.monotonic() - started
         request_id = response.headers.get(self.request_id_header)
         if response.status_code >= 400:
-            raise error_for_response(
-                self.account.name,
-                target.value,
-                response,
-                request_id=request_id,
-                now=time.time(),
-                redact=self._redact,
-            )
+            raise self._error_for("POST", target.value, response)
         try:
             parsed = response.json() if response.content else None
         except ValueError:
@@ -335,24 +367,6 @@ class RealtimeAdapter(abc.ABC):
         return map_transport_errors(
             f"{self.account.name} POST {endpoint.value}", timeout_s, self._redact
         )
-
-    def _redact(self, text: str) -> str:
-        return redact_secret(text, self.account.api_key)
-
-    def close(self) -> None:
-        if self._owns_client:
-            self._client.close()
-
-    def __enter__(self) -> RealtimeAdapter:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
 
 def call_with_retries(

@@ -1,21 +1,13 @@
 """The seam between mixbatch and a provider's batch API: one interface, two wire protocols.
 
-``BatchAdapter`` is what the submit, poll and collect tasks call; they never learn whether
-OpenAI's Files + Batch API or Anthropic's Message Batches is behind it. Its public verbs do the
-bookkeeping (checking a file against the account's caps, retrying, following pages, restarting
-a broken download, normalising statuses); a protocol subclass only says which paths to hit and
-how to read the replies. Every failure goes through ``routing.providers.base``'s mapping
-(``map_transport_errors``, ``error_for_response``) and every retry through ``retry_call``, so a
-batch poll and a realtime call mean the same thing by "retryable".
+``BatchAdapter`` is what the batch route's steps call; they never learn whether OpenAI's Files +
+Batch API or Anthropic's Message Batches is behind it. Its public verbs do the bookkeeping
+(checking a file against the account's caps, following pages, restarting a broken download,
+normalising statuses to ``routing.providers.batch_jobs``); the retries are
+``routing.providers.batch_http``'s; a protocol subclass only says which paths to hit and how to
+read the replies. Its input file is written by ``write_input``, framed for its protocol.
 
-Statuses are normalised to ``BatchStatus``. Anthropic's three (``in_progress``, ``canceling``,
-``ended``) map onto it with the request counts: an ended batch whose cancel was asked is
-``CANCELLED``, one with expired requests ``EXPIRED``, any other ``COMPLETED`` (Anthropic has no
-batch-level failure; bad params come back as errored lines). ``raw_status`` keeps the
-provider's own word.
-
-Idempotence: polls, lists, downloads and deletes are retried on 429, 5xx and broken
-connections. A create is retried only when it certainly created nothing (an error reply, or a
+Idempotence: a create is retried only when it certainly created nothing (an error reply, or a
 connection never made); a create whose reply was lost raises at once, retryable, with a note,
 because the batch may exist: the caller then runs ``find_orphan`` before creating again.
 """
@@ -26,203 +18,36 @@ import abc
 import json
 import logging
 import math
-import random
-import time
-from collections.abc import Callable, Collection, Iterable, Iterator
-from contextlib import ExitStack
-from datetime import UTC, datetime
-from enum import StrEnum
+from collections.abc import Callable, Collection, Iterator
+from json.encoder import encode_basestring
 from pathlib import Path
-from types import TracebackType
-from typing import Any, ClassVar
-from urllib.parse import quote
+from typing import Any, BinaryIO, ClassVar
 
-import httpx
-from pydantic import BaseModel, ConfigDict, Field
-
-from routing.decide.backoff import DEFAULT_POLICY, RetryPolicy, next_delay_s
+from routing.decide.planner import PlannedBatch, body_bytes, line_frame
 from routing.errors import ConfigError, InvalidRequest, MalformedInput, ProviderError
-from routing.models import Endpoint, ErrorInfo
-from routing.providers.base import (
-    RETRYABLE_STATUSES,
-    ProviderAccount,
-    error_for_response,
-    map_transport_errors,
-    redact_secret,
-    retry_call,
-)
+from routing.models import Endpoint, Prepared
+from routing.providers.base import ProviderAccount
+from routing.providers.batch_http import BatchTransport
+from routing.providers.batch_jobs import BatchJob, BatchStatus, LineResult
 from routing.providers.capabilities import ProviderCapabilities
 
-__all__ = [
-    "TERMINAL_BATCH_STATUSES",
-    "BatchAdapter",
-    "BatchJob",
-    "BatchStatus",
-    "LineError",
-    "LineResult",
-    "batch_adapter_for",
-    "iter_input_lines",
-    "parse_timestamp",
-]
+__all__ = ["BatchAdapter", "batch_adapter_class", "batch_adapter_for"]
 
 logger = logging.getLogger(__name__)
 
-_NO_RESPONSE_CODES = {"batch_expired": "expired", "batch_cancelled": "cancelled"}
-_CLIENT_FAULT_HINTS = ("invalid", "not_found", "unsupported", "mismatch", "too_large", "too_long")
 
-
-class BatchStatus(StrEnum):
-    """A batch's phase, the same words for every provider (OpenAI's, which are the richest)."""
-
-    VALIDATING = "validating"
-    IN_PROGRESS = "in_progress"
-    FINALIZING = "finalizing"
-    COMPLETED = "completed"
-    FAILED = "failed"
-    EXPIRED = "expired"
-    CANCELLING = "cancelling"
-    CANCELLED = "cancelled"
-
-
-#: Nothing more will happen to the batch: read its results (expired and cancelled batches
-#: keep the lines that finished) and stop polling.
-TERMINAL_BATCH_STATUSES = frozenset(
-    {BatchStatus.COMPLETED, BatchStatus.FAILED, BatchStatus.EXPIRED, BatchStatus.CANCELLED}
-)
-
-
-class LineError(BaseModel):
-    """Why a batch failed validation, per input line where the provider says which (1-based)."""
-
-    model_config = ConfigDict(frozen=True)
-
-    line: int | None = None
-    custom_id: str | None = None
-    code: str
-    message: str
-
-
-class BatchJob(BaseModel):
-    """A provider batch as last seen. Times are unix seconds.
-
-    ``failed`` counts lines that did not succeed (for Anthropic: errored, cancelled and expired,
-    known only once the batch ends). ``input_ref``, ``output_ref`` and ``error_ref`` are file ids
-    (OpenAI) or, for Anthropic, the ``results_url`` in ``output_ref``.
-    """
-
-    model_config = ConfigDict(frozen=True)
-
-    provider: str
-    batch_id: str
-    status: BatchStatus
-    raw_status: str
-    total: int = 0
-    completed: int = 0
-    failed: int = 0
-    created_at: float
-    ended_at: float | None = None
-    expires_at: float | None = None
-    metadata: dict[str, str] = Field(default_factory=dict)
-    validation_errors: list[LineError] = Field(default_factory=list)
-    input_ref: str | None = None
-    output_ref: str | None = None
-    error_ref: str | None = None
-
-    @property
-    def terminal(self) -> bool:
-        return self.status in TERMINAL_BATCH_STATUSES
-
-
-class LineResult(BaseModel):
-    """One line of a batch's results, joined to its request by ``custom_id``.
-
-    ``body`` is the provider's reply (its error envelope for a failed line). ``error.code`` is
-    ``"expired"`` or ``"cancelled"`` for a line that never ran, on every provider, so the caller
-    can re-route it; ``error.retryable`` follows the HTTP rule (429, 408, 409, 5xx) otherwise.
-    """
-
-    model_config = ConfigDict(frozen=True)
-
-    custom_id: str
-    status_code: int | None = None
-    body: dict[str, Any] | None = None
-    error: ErrorInfo | None = None
-
-    @property
-    def ok(self) -> bool:
-        return self.error is None
-
-
-def parse_timestamp(value: object) -> float | None:
-    """Unix seconds from an int (OpenAI), an ISO-8601 or RFC 3339 string (Anthropic, Together)."""
-    if isinstance(value, bool) or value is None:
-        return None
-    if isinstance(value, int | float):
-        return float(value) if math.isfinite(value) else None
-    if not isinstance(value, str) or not value.strip():
-        return None
-    try:
-        return float(value)
-    except ValueError:
-        pass
-    try:
-        when = datetime.fromisoformat(value.strip())
-    except ValueError:
-        return None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=UTC)
-    return when.timestamp()
-
-
-def iter_input_lines(path: Path) -> Iterator[tuple[int, bytes]]:
-    """(1-based line number, bytes without the newline) of each non-blank line, read lazily."""
-    with path.open("rb") as handle:
-        for number, raw in enumerate(handle, start=1):
-            line = raw.rstrip(b"\r\n")
-            if line.strip():
-                yield number, line
-
-
-def http_retryable(status: int) -> bool:
-    """The rule ``error_for_response`` applies to whole replies, for one line's status."""
-    return status in RETRYABLE_STATUSES or status >= 500
-
-
-def no_response_error(code: str, message: str) -> ErrorInfo:
-    """A line that never got an HTTP reply: expiry, cancel, a timeout inside the provider.
-
-    Such a line did not run, so trying it again (elsewhere) may help, unless its code says the
-    request itself was bad.
-    """
-    mapped = _NO_RESPONSE_CODES.get(code, code)
-    retryable = not any(hint in mapped for hint in _CLIENT_FAULT_HINTS)
-    return ErrorInfo(code=mapped, message=message, retryable=retryable)
-
-
-class BatchAdapter(abc.ABC):
+class BatchAdapter(BatchTransport):
     """One provider account's batch API. Public verbs do bookkeeping; subclasses do the wire.
 
-    Retries follow ``policy`` within ``budget_s`` seconds per verb (see ``retry_call``);
-    ``sleep``, ``clock`` and ``rng`` are there so tests can pin the waits. Pass ``client`` to
-    share a connection pool; the adapter closes only a client it created.
+    ``transport`` (client, retry policy and budget, sleep, clock, rng) goes to
+    ``BatchTransport``.
     """
 
-    kind: ClassVar[str]
-    endpoints: ClassVar[frozenset[Endpoint]]
-    request_id_header: ClassVar[str] = "x-request-id"
+    route_name: ClassVar[str] = "batch"
     page_limit_max: ClassVar[int] = 100
 
     def __init__(
-        self,
-        account: ProviderAccount,
-        capabilities: ProviderCapabilities,
-        *,
-        client: httpx.Client | None = None,
-        policy: RetryPolicy = DEFAULT_POLICY,
-        budget_s: float = 120.0,
-        sleep: Callable[[float], None] = time.sleep,
-        clock: Callable[[], float] = time.monotonic,
-        rng: random.Random | None = None,
+        self, account: ProviderAccount, capabilities: ProviderCapabilities, **transport: Any
     ) -> None:
         if account.kind != self.kind or capabilities.protocol != self.kind:
             raise ConfigError(
@@ -231,27 +56,10 @@ class BatchAdapter(abc.ABC):
                 f"{capabilities.protocol!r}; use batch_adapter_for(account, capabilities)"
             )
         capabilities.require_batch()
-        self.account = account
+        super().__init__(account, **transport)
         self.capabilities = capabilities
-        self.policy = policy
-        self.budget_s = budget_s
-        self._sleep = sleep
-        self._clock = clock
-        self._rng = rng
-        self._owns_client = client is None
-        self._client = client if client is not None else httpx.Client(timeout=account.timeout_s)
-
-    def __repr__(self) -> str:
-        return (
-            f"{type(self).__name__}(name={self.account.name!r}, base_url={self.account.base_url!r})"
-        )
 
     # -- the wire, per protocol ------------------------------------------------------------
-
-    @abc.abstractmethod
-    def auth_headers(self) -> dict[str, str]:
-        """Headers that authenticate and version a request (the only place the key is read)."""
-        ...
 
     @abc.abstractmethod
     def _create(
@@ -287,20 +95,27 @@ class BatchAdapter(abc.ABC):
 
     # -- public verbs ----------------------------------------------------------------------
 
-    def resolve_endpoint(self, endpoint: Endpoint | str) -> Endpoint:
-        """``endpoint`` as an ``Endpoint`` this protocol batches, else a non-retryable error."""
-        try:
-            value: Endpoint | None = Endpoint(endpoint)
-        except ValueError:
-            value = None
-        if value is None or value not in self.endpoints:
-            supported = ", ".join(sorted(e.value for e in self.endpoints))
-            raise ProviderError(
-                f"{self.account.name} ({self.kind}) has no batch endpoint {str(endpoint)!r} "
-                f"(supported: {supported})",
-                retryable=False,
-            )
-        return value
+    @classmethod
+    def write_input(
+        cls, batch: PlannedBatch, lookup: Callable[[str], Prepared], fh: BinaryIO
+    ) -> int:
+        """Stream a planned batch's input file, the one ``create`` takes, into ``fh``.
+
+        One line per ``fanout`` entry, in order; ``lookup`` gives the stored request for an id,
+        and only the first id of each entry is looked up, since its body is sent for all of
+        them. Lines are framed by ``line_frame`` of this protocol, so the bytes are the ones
+        the planner counted. Returns the bytes written.
+        """
+        if batch.protocol != cls.kind:
+            raise ValueError(f"batch {batch.key} is an {batch.protocol} batch, not {cls.kind}")
+        head, middle, tail = line_frame(batch.protocol, batch.endpoint)
+        written = 0
+        for custom_id, ids in batch.fanout.items():
+            body = body_bytes(lookup(ids[0]).body)
+            line = b"".join((head, encode_basestring(custom_id).encode(), middle, body, tail))
+            fh.write(line)
+            written += len(line)
+        return written
 
     def create(
         self,
@@ -311,10 +126,12 @@ class BatchAdapter(abc.ABC):
         metadata: dict[str, str] | None = None,
         window: str | None = None,
     ) -> BatchJob:
-        """Submit the OpenAI-format JSONL file at ``jsonl_path`` as one batch.
+        """Submit the JSONL file at ``jsonl_path`` as one batch.
 
-        The file is checked against the account's caps first (lines, bytes, longest line) and
-        streamed, never read whole. ``window`` defaults to the account's first window.
+        The file is in the OpenAI batch input format, which every protocol takes, or in the
+        one ``write_input`` writes for this protocol. It is checked against the account's caps
+        first (lines, bytes, longest line) and streamed, never read whole. ``window`` defaults
+        to the account's first window.
         Record the returned ``batch_id`` before anything else; see the module docstring for
         what a lost reply means.
         """
@@ -477,198 +294,6 @@ class BatchAdapter(abc.ABC):
             )
         return matches[0]
 
-    # -- shared mechanics ------------------------------------------------------------------
-
-    def _url(self, path: str) -> str:
-        return path if path.startswith(("http://", "https://")) else self.account.base_url + path
-
-    def _redact(self, text: str) -> str:
-        return redact_secret(text, self.account.api_key)
-
-    def _quote(self, batch_id: str) -> str:
-        return quote(batch_id, safe="")
-
-    def _send(
-        self,
-        method: str,
-        path: str,
-        *,
-        params: dict[str, str] | None = None,
-        json_body: object = None,
-        prepare: Callable[[ExitStack], dict[str, Any]] | None = None,
-        headers: dict[str, str] | None = None,
-        idempotent: bool = True,
-        missing_ok: bool = False,
-    ) -> httpx.Response:
-        """One verb with retries: ``prepare`` builds a fresh body per try (reopened files)."""
-        where = f"{self.account.name} {method} {path}"
-        url = self._url(path)
-        sent = [True]
-
-        def once(timeout_s: float) -> httpx.Response:
-            sent[0] = True
-            with ExitStack() as stack:
-                extra = prepare(stack) if prepare is not None else {}
-                request = self._client.build_request(
-                    method,
-                    url,
-                    params=params,
-                    json=json_body,
-                    headers={
-                        "accept": "application/json",
-                        **(headers or {}),
-                        **self.auth_headers(),
-                    },
-                    timeout=timeout_s,
-                    **extra,
-                )
-                with map_transport_errors(where, timeout_s, self._redact):
-                    try:
-                        response = self._client.send(request)
-                    except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout):
-                        sent[0] = False
-                        raise
-            request_id = response.headers.get(self.request_id_header)
-            if response.status_code >= 400 and not (missing_ok and response.status_code == 404):
-                raise error_for_response(
-                    self.account.name,
-                    path,
-                    response,
-                    request_id=request_id,
-                    now=time.time(),
-                    redact=self._redact,
-                    method=method,
-                )
-            logger.debug(
-                "%s -> %d",
-                where,
-                response.status_code,
-                extra={
-                    "provider": self.account.name,
-                    "endpoint": path,
-                    "status_code": response.status_code,
-                    "provider_request_id": request_id,
-                },
-            )
-            return response
-
-        def may_retry(exc: ProviderError) -> bool:
-            return idempotent or exc.status_code is not None or not sent[0]
-
-        return retry_call(
-            once,
-            provider=self.account.name,
-            where=where,
-            endpoint=path,
-            timeout_s=self.account.timeout_s,
-            policy=self.policy,
-            budget_s=self.budget_s,
-            sleep=self._sleep,
-            clock=self._clock,
-            rng=self._rng,
-            may_retry=may_retry,
-        )
-
-    def _json(self, method: str, path: str, **kwargs: Any) -> object:
-        return self._json_reply(method, path, **kwargs)[0]
-
-    def _json_reply(self, method: str, path: str, **kwargs: Any) -> tuple[object, str | None]:
-        """The parsed reply and the provider's request id."""
-        response = self._send(method, path, **kwargs)
-        request_id = response.headers.get(self.request_id_header)
-        try:
-            return response.json(), request_id
-        except ValueError:
-            raise ProviderError(
-                f"{self.account.name} {method} {path} -> {response.status_code}: "
-                "the reply is not JSON",
-                status_code=response.status_code,
-                retryable=False,
-                provider_request_id=request_id,
-            ) from None
-
-    def _json_object(self, method: str, path: str, **kwargs: Any) -> dict[str, Any]:
-        return self._object_reply(method, path, **kwargs)[0]
-
-    def _object_reply(
-        self, method: str, path: str, **kwargs: Any
-    ) -> tuple[dict[str, Any], str | None]:
-        body, request_id = self._json_reply(method, path, **kwargs)
-        if not isinstance(body, dict):
-            raise ProviderError(
-                f"{self.account.name} {method} {path}: the reply is not a JSON object",
-                retryable=False,
-                provider_request_id=request_id,
-            )
-        return body, request_id
-
-    def _stream_lines(self, path: str) -> Iterator[tuple[int, str]]:
-        """(line number, text) of a results file, restarting a broken download from the top.
-
-        A results file does not change once written, so line ``n`` of a second download is
-        line ``n`` of the first: lines already yielded are skipped rather than repeated. Tries
-        count only failures in a row without progress, so a long file on a flaky link still
-        finishes, while a download that never gets further gives up after ``max_tries``.
-        """
-        where = f"{self.account.name} GET {path}"
-        url = self._url(path)
-        yielded = 0
-        failures = 0
-        timeout_s = self.account.timeout_s
-        headers = {"accept": "application/binary", **self.auth_headers()}
-        while True:
-            before = yielded
-            seen = 0
-            try:
-                with (
-                    map_transport_errors(where, timeout_s, self._redact),
-                    self._client.stream("GET", url, headers=headers, timeout=timeout_s) as response,
-                ):
-                    request_id = response.headers.get(self.request_id_header)
-                    if response.status_code >= 400:
-                        response.read()
-                        raise error_for_response(
-                            self.account.name,
-                            path,
-                            response,
-                            request_id=request_id,
-                            now=time.time(),
-                            redact=self._redact,
-                            method="GET",
-                        )
-                    for line in response.iter_lines():
-                        if not line.strip():
-                            continue
-                        seen += 1
-                        if seen <= yielded:
-                            continue
-                        yielded = seen
-                        yield seen, line
-                return
-            except ProviderError as exc:
-                failures = 1 if yielded > before else failures + 1
-                delay = next_delay_s(exc, failures, self.policy, self._rng)
-                if delay is None:
-                    exc.add_note(f"mixbatch: download stopped after {yielded} lines")
-                    raise
-                logger.warning(
-                    "%s broke after %d lines (%s), starting again in %.2f s",
-                    where,
-                    yielded,
-                    type(exc).__name__,
-                    delay,
-                    extra={
-                        "provider": self.account.name,
-                        "endpoint": path,
-                        "provider_request_id": exc.provider_request_id,
-                        "status_code": exc.status_code,
-                        "lines_done": yielded,
-                        "attempt": failures,
-                        "delay_s": round(delay, 3),
-                    },
-                )
-                self._sleep(delay)
-
     def _check_size(self, path: Path, lines: int, size: int, longest: int, longest_at: int) -> None:
         """Refuse a file over the account's caps: the planner should have split it."""
         cap = self.capabilities
@@ -692,36 +317,9 @@ class BatchAdapter(abc.ABC):
                 source=path.name,
             )
 
-    def close(self) -> None:
-        if self._owns_client:
-            self._client.close()
 
-    def __enter__(self) -> BatchAdapter:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
-
-def scan_sizes(lines: Iterable[tuple[int, bytes]]) -> tuple[int, int, int]:
-    """(line count, longest line's bytes, its line number) in one pass."""
-    count = longest = longest_at = 0
-    for number, line in lines:
-        count += 1
-        if len(line) > longest:
-            longest, longest_at = len(line), number
-    return count, longest, longest_at
-
-
-def batch_adapter_for(
-    account: ProviderAccount, capabilities: ProviderCapabilities, **options: Any
-) -> BatchAdapter:
-    """The batch adapter for the account's protocol; ``options`` go to its constructor."""
+def batch_adapter_class(protocol: str) -> type[BatchAdapter]:
+    """The adapter class that speaks ``protocol``; its ``write_input`` writes that protocol's file."""
     from routing.providers.anthropic_batch import AnthropicBatchAdapter
     from routing.providers.openai_batch import OpenAIBatchAdapter
 
@@ -729,4 +327,16 @@ def batch_adapter_for(
         OpenAIBatchAdapter.kind: OpenAIBatchAdapter,
         AnthropicBatchAdapter.kind: AnthropicBatchAdapter,
     }
-    return adapters[capabilities.protocol](account, capabilities, **options)
+    try:
+        return adapters[protocol]
+    except KeyError:
+        raise ConfigError(
+            f"no batch adapter speaks protocol {protocol!r} (protocols: {', '.join(adapters)})"
+        ) from None
+
+
+def batch_adapter_for(
+    account: ProviderAccount, capabilities: ProviderCapabilities, **options: Any
+) -> BatchAdapter:
+    """The batch adapter for the account's protocol; ``options`` go to its constructor."""
+    return batch_adapter_class(capabilities.protocol)(account, capabilities, **options)

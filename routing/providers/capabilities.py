@@ -18,8 +18,7 @@ table, and ``<NAME>_BASE_URL`` does the same for any other account (``GROQ_BASE_
 from __future__ import annotations
 
 import re
-import tomllib
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -34,6 +33,7 @@ from pydantic import (
     model_validator,
 )
 
+from routing.decide.tables import Table, TableFile, first_error
 from routing.errors import ConfigError, ProviderError
 from routing.models import parse_duration_s
 from routing.providers.base import ProviderAccount
@@ -167,40 +167,17 @@ class ProviderCapabilities(BaseModel):
             )
 
 
-def _table_line(text: str, name: str) -> int | None:
-    pattern = re.compile(rf"^\s*\[\s*providers\.\"?{re.escape(name)}\"?\s*\]")
-    for number, line in enumerate(text.splitlines(), start=1):
-        if pattern.match(line):
-            return number
-    return None
-
-
-def _key_line(text: str, table_line: int | None, key: str) -> int | None:
-    """The line that sets ``key`` inside the table starting at ``table_line``."""
-    if table_line is None:
-        return None
-    pattern = re.compile(rf"^\s*\"?{re.escape(key)}\"?\s*=")
-    lines = text.splitlines()
-    for number in range(table_line + 1, len(lines) + 1):
-        line = lines[number - 1]
-        if line.lstrip().startswith("["):
-            break
-        if pattern.match(line):
-            return number
-    return None
-
-
-def _fields(raw: dict[str, Any], locate: Callable[[str], str]) -> dict[str, Any]:
+def _fields(table: Table) -> dict[str, Any]:
     """TOML spellings to model fields: ``result_retention = "30d"`` becomes ``result_retention_s``."""
-    fields = dict(raw)
+    fields = {**table.fields, "name": table.name}
     for name in _DURATION_FIELDS:
         if name in fields:
             if f"{name}_s" in fields:
-                raise ConfigError(f"{locate(name)}: give {name} or {name}_s, not both")
+                raise table.error(f"give {name} or {name}_s, not both", name)
             try:
                 fields[f"{name}_s"] = parse_duration_s(fields.pop(name))
             except (ValueError, TypeError) as exc:
-                raise ConfigError(f"{locate(name)}: {exc}") from None
+                raise table.error(str(exc), name) from None
     for name in ("windows", "models"):
         if isinstance(fields.get(name), list):
             fields[name] = tuple(fields[name])
@@ -217,39 +194,11 @@ def parse_providers(
     Errors name ``source`` and the line of the table, or of the bad key when it can be found.
     """
     environ: Mapping[str, str] = env if env is not None else {}
-    try:
-        doc = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{source}: not valid TOML: {exc}") from None
-    table = doc.get("providers")
-    if not isinstance(table, dict) or not table:
-        raise ConfigError(f"{source}: needs at least one [providers.NAME] table")
     kept: dict[str, ProviderCapabilities] = {}
-    for name, raw in table.items():
-        header = _table_line(text, name)
-        where = f"{source}, line {header or '?'} ([providers.{name}])"
-
-        def locate(key: str, header: int | None = header, name: str = name) -> str:
-            """Where ``key`` is set, or the table's header when the key is absent."""
-            field = key.removesuffix("_s")
-            line = _key_line(text, header, key) or _key_line(text, header, field)
-            if line is None:
-                return f"{source}, line {header or '?'} ([providers.{name}]): {key}"
-            return f"{source}, line {line} ([providers.{name}] {key})"
-
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{where}: must be a table")
-        fields = _fields(raw, locate)
-        try:
-            cap = ProviderCapabilities(name=name, **fields)
-        except ValidationError as exc:
-            first = exc.errors()[0]
-            key = ".".join(str(p) for p in first["loc"])
-            message = str(first["msg"]).removeprefix("Value error, ")
-            prefix = locate(key) if key else where
-            raise ConfigError(f"{prefix}: {message}") from None
+    for table in TableFile(text, source).tables("providers", "providers.NAME", key_lines=True):
+        cap = table.build(ProviderCapabilities, _fields(table))
         if cap.always_listed or environ.get(cap.api_key_env):
-            kept[name] = cap
+            kept[table.name] = cap
     return kept
 
 
@@ -286,6 +235,5 @@ def account_for(cap: ProviderCapabilities, env: Mapping[str, str]) -> ProviderAc
     except ValidationError as exc:
         source = cap.url_env if env.get(cap.url_env) else f"[providers.{cap.name}] base_url"
         raise ConfigError(
-            f"provider account {cap.name!r}: {source}: "
-            f"{str(exc.errors()[0]['msg']).removeprefix('Value error, ')}"
+            f"provider account {cap.name!r}: {source}: {first_error(exc)[1]}"
         ) from None

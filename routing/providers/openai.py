@@ -9,15 +9,16 @@ from __future__ import annotations
 from typing import ClassVar
 
 from routing.models import Endpoint
-from routing.providers.base import RealtimeAdapter
+from routing.providers.base import AccountClient, RealtimeAdapter
 
-__all__ = ["OpenAIAdapter"]
+__all__ = ["OpenAIAdapter", "OpenAIProtocol"]
 
 
-class OpenAIAdapter(RealtimeAdapter):
-    """Bearer-token auth; the request id comes back in ``x-request-id``.
+class OpenAIProtocol(AccountClient):
+    """What the OpenAI protocol's adapters share, realtime and batch: its endpoints and auth.
 
-    With no ``api_key`` no ``Authorization`` header is sent, for local servers that want none.
+    Bearer-token auth; the request id comes back in ``x-request-id``. With no ``api_key`` no
+    ``Authorization`` header is sent, for local servers that want none.
     """
 
     kind: ClassVar[str] = "openai"
@@ -26,9 +27,13 @@ class OpenAIAdapter(RealtimeAdapter):
     )
     request_id_header: ClassVar[str] = "x-request-id"
 
-    def path_for(self, endpoint: Endpoint) -> str:
-        return endpoint.value.removeprefix("/v1")
-
     def auth_headers(self) -> dict[str, str]:
         key = self.account.api_key
         return {"authorization": f"Bearer {key.get_secret_value()}"} if key else {}
+
+
+class OpenAIAdapter(OpenAIProtocol, RealtimeAdapter):
+    """The synchronous API: one POST per call, to the endpoint's path under ``base_url``."""
+
+    def path_for(self, endpoint: Endpoint) -> str:
+        return endpoint.value.removeprefix("/v1")

@@ -15,12 +15,12 @@ from __future__ import annotations
 import logging
 from contextlib import ExitStack
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 from routing.errors import InvalidRequest, ProviderError
 from routing.models import Endpoint, ErrorInfo
-from routing.providers.batch import (
-    BatchAdapter,
+from routing.providers.batch import BatchAdapter
+from routing.providers.batch_jobs import (
     BatchJob,
     BatchStatus,
     LineError,
@@ -31,6 +31,7 @@ from routing.providers.batch import (
     parse_timestamp,
     scan_sizes,
 )
+from routing.providers.openai import OpenAIProtocol
 
 __all__ = ["OpenAIBatchAdapter", "check_metadata"]
 
@@ -105,19 +106,8 @@ def check_metadata(metadata: dict[str, str]) -> None:
             )
 
 
-class OpenAIBatchAdapter(BatchAdapter):
-    """Bearer auth; ``account.base_url`` ends in ``/v1``, so paths here omit it."""
-
-    kind: ClassVar[str] = "openai"
-    endpoints: ClassVar[frozenset[Endpoint]] = frozenset(
-        {Endpoint.CHAT, Endpoint.EMBEDDINGS, Endpoint.RESPONSES}
-    )
-    request_id_header: ClassVar[str] = "x-request-id"
-    page_limit_max: ClassVar[int] = 100
-
-    def auth_headers(self) -> dict[str, str]:
-        key = self.account.api_key
-        return {"authorization": f"Bearer {key.get_secret_value()}"} if key else {}
+class OpenAIBatchAdapter(OpenAIProtocol, BatchAdapter):
+    """Files + Batch API; ``account.base_url`` ends in ``/v1``, so paths here omit it."""
 
     def _batch_path(self, batch_id: str) -> str:
         return f"/batches/{self._quote(batch_id)}"

@@ -164,18 +164,22 @@ def embedding_inputs(given: object) -> list[EmbeddingInput]:
     )
 
 
+def _required(body: Mapping[str, Any], name: str) -> Any:
+    """``body[name]``, refused as OpenAI refuses a missing parameter when it is absent."""
+    value = body.get(name)
+    if value is None:
+        raise InvalidBody(name, f"Missing required parameter: '{name}'.")
+    return value
+
+
 def _require_model(body: Mapping[str, Any]) -> None:
-    model = body.get("model")
-    if model is None:
-        raise InvalidBody("model", "Missing required parameter: 'model'.")
+    model = _required(body, "model")
     if not isinstance(model, str) or not model:
         raise InvalidBody("model", "Invalid 'model': expected a non-empty string.")
 
 
 def _require_messages(body: Mapping[str, Any]) -> None:
-    messages = body.get("messages")
-    if messages is None:
-        raise InvalidBody("messages", "Missing required parameter: 'messages'.")
+    messages = _required(body, "messages")
     if not isinstance(messages, list) or not messages:
         raise InvalidBody("messages", "Invalid 'messages': expected a non-empty array.")
     for i, message in enumerate(messages):
@@ -207,9 +211,7 @@ def validate_body(endpoint: str, body: object) -> None:
         if not _is_int(max_tokens) or max_tokens < 1:
             raise InvalidBody("max_tokens", "max_tokens: expected an integer of at least 1")
     if endpoint == RESPONSES:
-        given = body.get("input")
-        if given is None:
-            raise InvalidBody("input", "Missing required parameter: 'input'.")
+        given = _required(body, "input")
         if not isinstance(given, str | list) or not given:
             raise InvalidBody("input", "Invalid 'input': expected a non-empty string or array.")
     if endpoint == EMBEDDINGS:

@@ -4,7 +4,7 @@ Each route goes through :func:`routing.sandbox.app.provider_route` like the sync
 keys are checked, calls counted, latency added and errors shaped per provider. The handlers only
 parse and check what the real APIs check synchronously (pydantic models of the request bodies
 and queries), apply the rate-limit faults of the calls that create something, and hand over to
-:class:`routing.sandbox.batch_store.BatchStore`, which owns the batches and their timelines.
+:class:`routing.sandbox.batch_store.BatchStore`, which owns the files, batches and timelines.
 
 Routes, in the providers' own paths::
 
@@ -21,7 +21,8 @@ Routes, in the providers' own paths::
 from __future__ import annotations
 
 import hashlib
-from typing import Annotated, Any, Literal
+from collections.abc import Callable
+from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from pydantic_core import ErrorDetails
@@ -32,17 +33,14 @@ from starlette.routing import BaseRoute
 
 from routing.sandbox import answers
 from routing.sandbox.app import ApiError, Call, Handler, fault_error, provider_route
-from routing.sandbox.batch_store import (
-    FILE_PURPOSES,
-    MAX_BATCH_FILE_BYTES,
+from routing.sandbox.batch_openai import (
     MAX_METADATA_KEY_CHARS,
     MAX_METADATA_PAIRS,
     MAX_METADATA_VALUE_CHARS,
     OPENAI_BATCH_ENDPOINTS,
-    BatchRequestError,
-    Page,
-    chunked,
 )
+from routing.sandbox.batch_records import BatchRequestError, Page
+from routing.sandbox.file_store import FILE_PURPOSES, MAX_BATCH_FILE_BYTES, chunked
 
 CUSTOM_ID_PATTERN = r"^[a-zA-Z0-9_-]{1,64}$"
 MAX_ANTHROPIC_REQUESTS = 100_000
@@ -142,6 +140,19 @@ def anthropic_invalid(exc: ValidationError) -> ApiError:
     error = exc.errors()[0]
     where = _loc(error)
     return ApiError(400, f"{where}: {error['msg']}" if where else error["msg"], param=where or None)
+
+
+Parsed = TypeVar("Parsed", bound=BaseModel)
+
+
+def _parsed(
+    model: type[Parsed], raw: object, invalid: Callable[[ValidationError], ApiError]
+) -> Parsed:
+    """``raw`` as ``model``, or the provider's 400 (``invalid``) for its first problem."""
+    try:
+        return model.model_validate(raw)
+    except ValidationError as exc:
+        raise invalid(exc) from exc
 
 
 def _mapped(handler: Handler) -> Handler:
@@ -267,10 +278,7 @@ async def upload_file(call: Call) -> dict[str, Any]:
 
 
 async def list_files(call: Call) -> dict[str, Any]:
-    try:
-        query = FileListQuery.model_validate(dict(call.request.query_params))
-    except ValidationError as exc:
-        raise openai_invalid(exc) from exc
+    query = _parsed(FileListQuery, dict(call.request.query_params), openai_invalid)
     page = call.state.batches.list_files(
         _now(call),
         after=query.after,
@@ -301,10 +309,7 @@ async def file_content(call: Call) -> Response:
 async def create_openai_batch(call: Call) -> dict[str, Any]:
     await _rate_limit(call)
     raw = await _json_object(call)
-    try:
-        body = OpenAIBatchCreate.model_validate(raw)
-    except ValidationError as exc:
-        raise openai_invalid(exc) from exc
+    body = _parsed(OpenAIBatchCreate, raw, openai_invalid)
     await call.apply_faults(raw)
     expiry = body.output_expires_after
     return call.state.batches.create_openai(
@@ -326,10 +331,7 @@ async def cancel_openai_batch(call: Call) -> dict[str, Any]:
 
 
 async def list_openai_batches(call: Call) -> dict[str, Any]:
-    try:
-        query = OpenAIBatchListQuery.model_validate(dict(call.request.query_params))
-    except ValidationError as exc:
-        raise openai_invalid(exc) from exc
+    query = _parsed(OpenAIBatchListQuery, dict(call.request.query_params), openai_invalid)
     page = call.state.batches.list_batches(
         "openai", _now(call), limit=query.limit, after=query.after
     )
@@ -345,10 +347,7 @@ async def create_anthropic_batch(call: Call) -> dict[str, Any]:
     if len(await call.request.body()) > MAX_ANTHROPIC_BODY_BYTES:
         raise ApiError(413, f"Request exceeds the maximum size of {MAX_ANTHROPIC_BODY_BYTES} bytes")
     raw = await _json_object(call)
-    try:
-        body = AnthropicBatchCreate.model_validate(raw)
-    except ValidationError as exc:
-        raise anthropic_invalid(exc) from exc
+    body = _parsed(AnthropicBatchCreate, raw, anthropic_invalid)
     seen: set[str] = set()
     for index, request in enumerate(body.requests):
         if request.custom_id in seen:
@@ -391,10 +390,7 @@ async def anthropic_results(call: Call) -> Response:
 
 
 async def list_anthropic_batches(call: Call) -> dict[str, Any]:
-    try:
-        query = AnthropicListQuery.model_validate(dict(call.request.query_params))
-    except ValidationError as exc:
-        raise anthropic_invalid(exc) from exc
+    query = _parsed(AnthropicListQuery, dict(call.request.query_params), anthropic_invalid)
     if query.before_id is not None and query.after_id is not None:
         raise ApiError(400, "Give before_id or after_id, not both.", param="before_id")
     page = call.state.batches.list_batches(

@@ -11,7 +11,6 @@ import socket
 import sys
 import threading
 import time
-from types import TracebackType
 from typing import Any
 
 import uvicorn
@@ -145,12 +144,7 @@ class SandboxServer:
     def __enter__(self) -> SandboxServer:
         return self.start()
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    def __exit__(self, *exc_info: object) -> None:
         self.stop()
 
 

@@ -2,8 +2,8 @@
 
 A sink is the outward edge of delivery. ``Sink.deliver`` does the bookkeeping every sink needs
 (the size check); a backend's ``write`` does only its I/O and translates its library's errors
-into ``DeliveryError`` once, saying whether trying again may help. ``tasks.deliver`` holds the
-retry policy and never looks at httpx, SQLAlchemy or redis-py exceptions.
+into ``DeliveryError`` once, saying whether trying again may help. ``routing.engine.deliver`` holds
+the retry policy and never looks at httpx, SQLAlchemy or redis-py exceptions.
 
     MixbatchError
     └── DeliveryError           a sink did not take the result (``retryable`` says if later may)

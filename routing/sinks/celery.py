@@ -13,7 +13,8 @@ from __future__ import annotations
 import json
 from typing import Any, Protocol
 
-from routing.models import CeleryCallback, Result
+from routing.callbacks import CeleryCallback
+from routing.models import Result
 from routing.sinks.base import DeliveryError, Sink
 from routing.sinks.settings import SinkSettings
 

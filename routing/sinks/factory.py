@@ -2,7 +2,7 @@
 
 A ``SinkContext`` holds the long-lived parts (the HTTP client, SQL engine pools, Redis clients
 and scripts) so a sink object is cheap to build per delivery. One context per process: after a
-fork, ``close`` it and build another (``tasks.deliver`` does this on ``worker_process_init``).
+fork, forget it and build another (the worker runtime does this on ``worker_process_init``).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import redis
 from redis import Redis
 from redis.commands.core import Script
 
-from routing.models import (
+from routing.callbacks import (
     SINK_KINDS,
     CallbackSpec,
     CeleryCallback,
@@ -28,8 +28,9 @@ from routing.sinks.base import DeliveryError, Sink
 from routing.sinks.celery import CelerySink, TaskSender
 from routing.sinks.settings import SinkSettings
 from routing.sinks.sql import EngineCache, SqlSink
-from routing.sinks.stream import APPEND_ONCE_LUA, StreamSink
+from routing.sinks.stream import StreamSink
 from routing.sinks.webhook import Resolver, WebhookSink, new_http_client, resolve_host
+from routing.store.scripts import Scripts
 
 __all__ = ["SinkContext", "sink_for"]
 
@@ -96,7 +97,8 @@ class SinkContext:
         with self._lock:
             script = self._scripts.get(id(client))
             if script is None:
-                script = self._scripts[id(client)] = client.register_script(APPEND_ONCE_LUA)
+                script = Scripts(client)["stream_append_once"]
+                self._scripts[id(client)] = script
             return script
 
     def close(self) -> None:

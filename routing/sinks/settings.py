@@ -1,7 +1,7 @@
 """Settings of the result sinks, from the environment (prefix ``MIXBATCH_``).
 
 They live beside the sinks rather than in ``config.settings`` so that ``routing`` stays free of
-``config`` (DESIGN.md: imports run one way) and a receiver or a test can build them directly.
+``config`` (imports run one way: docs/architecture.md) and a receiver or a test can build them.
 
     MIXBATCH_WEBHOOK_ALLOW              hosts or CIDRs a webhook may reach although they are
                                         loopback, link-local, private or reserved
@@ -29,7 +29,7 @@ from typing import Annotated, Any
 from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from routing.errors import ConfigError
+from routing.decide.tables import settings_error
 
 __all__ = ["SinkSettings", "get_sink_settings", "reset_sink_settings"]
 
@@ -109,9 +109,7 @@ def get_sink_settings() -> SinkSettings:
     try:
         return SinkSettings()
     except ValidationError as exc:
-        first = exc.errors()[0]
-        name = "MIXBATCH_" + ".".join(str(p) for p in first["loc"]).upper()
-        raise ConfigError(f"{name}: {first['msg']}") from None
+        raise settings_error(exc) from None
 
 
 def reset_sink_settings() -> None:

@@ -43,7 +43,8 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Engine
 
-from routing.models import Result, SqlCallback
+from routing.callbacks import SqlCallback
+from routing.models import Result
 from routing.sinks.base import DeliveryError, Sink
 from routing.sinks.settings import SinkSettings
 

@@ -2,8 +2,8 @@
 
 Each entry has the fields ``id``, ``custom_id``, ``tenant``, ``status`` and ``payload`` (the
 result as JSON). A reader can rely on one entry per request id: the append and a marker key
-remembering it are one Lua script, so a second delivery of the same id finds the marker and
-appends nothing. The marker shares the stream's hash slot, so this holds on Redis Cluster too,
+remembering it are one Lua script (``stream_append_once``), so a second delivery of the same id
+finds the marker and appends nothing. The marker shares the stream's hash slot, so this holds on Redis Cluster too,
 and it lives ``MIXBATCH_STREAM_MARKER_TTL_S`` (7 days by default).
 """
 
@@ -12,38 +12,13 @@ from __future__ import annotations
 import redis
 from redis.commands.core import Script
 
-from routing.models import Result, StreamCallback
+from routing.callbacks import StreamCallback
+from routing.keys import Keys
+from routing.models import Result
 from routing.sinks.base import DeliveryError, Sink
 from routing.sinks.settings import SinkSettings
 
-__all__ = ["APPEND_ONCE_LUA", "StreamSink", "marker_key"]
-
-APPEND_ONCE_LUA = """
--- append_once: add a result to a stream unless this request id was added before.
--- KEYS[1] stream  KEYS[2] marker (same hash slot)
--- ARGV[1] maxlen (approximate)  ARGV[2] marker ttl_s  ARGV[3..] field, value pairs
--- returns {1, entry_id} appended, {0, entry_id} already there
-local seen = redis.call('GET', KEYS[2])
-if seen then return {0, seen} end
-local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', unpack(ARGV, 3))
-redis.call('SET', KEYS[2], id, 'EX', ARGV[2])
-return {1, id}
-"""
-
-
-def _hash_tag(key: str) -> str:
-    """What Redis Cluster hashes for ``key``: its ``{tag}`` if it has a non-empty one."""
-    start = key.find("{")
-    if start != -1:
-        end = key.find("}", start + 1)
-        if end > start + 1:
-            return key[start + 1 : end]
-    return key
-
-
-def marker_key(namespace: str, stream: str, request_id: str) -> str:
-    """The key remembering that ``request_id`` is in ``stream``, in the stream's hash slot."""
-    return f"{namespace}:stream-once:{{{_hash_tag(stream)}}}:{stream}:{request_id}"
+__all__ = ["StreamSink"]
 
 
 class StreamSink(Sink):
@@ -64,6 +39,7 @@ class StreamSink(Sink):
         self.client = client
         self.script = script
         self.namespace = namespace
+        self.keys = Keys(namespace)
         self.maxlen = spec.maxlen or settings.stream_maxlen
         self.marker_ttl_s = settings.stream_marker_ttl_s
         self.own_redis = own_redis
@@ -90,7 +66,7 @@ class StreamSink(Sink):
         args += ["payload", payload]
         try:
             self.script(
-                keys=[key, marker_key(self.namespace, key, result.id)],
+                keys=[key, self.keys.stream_marker(key, result.id)],
                 args=args,
                 client=self.client,
             )

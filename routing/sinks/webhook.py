@@ -29,8 +29,9 @@ from http import HTTPStatus
 
 import httpx
 
+from routing.callbacks import WebhookCallback
 from routing.decide.backoff import parse_retry_after
-from routing.models import Result, WebhookCallback
+from routing.models import Result
 from routing.sinks.base import AddressRefused, DeliveryError, Sink
 from routing.sinks.settings import SinkSettings
 from routing.sinks.signing import (

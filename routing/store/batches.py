@@ -13,7 +13,6 @@ slots (see ``routing.keys``), so every step is atomic in its own slot and idempo
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Iterable
 from typing import Literal
@@ -22,7 +21,9 @@ import redis
 from pydantic import BaseModel, Field
 
 from routing.errors import NotFound
-from routing.store.lanes import store_errors
+from routing.keys import Keys
+from routing.store.base import store_errors
+from routing.store.scripts import Scripts
 
 BatchState = Literal["intent", "submitted", "collecting", "done", "failed", "cancelled"]
 
@@ -85,12 +86,8 @@ class BatchRegistry:
     def __init__(self, client: redis.Redis, *, namespace: str = "mb", url: str = "redis") -> None:
         self.redis = client
         self.url = url
-        self._tag = f"{namespace}:{{batches}}"
-
-    # -- keys -----------------------------------------------------------------------------
-
-    def _k(self, *parts: str) -> str:
-        return ":".join((self._tag, *parts))
+        self.keys = Keys(namespace)
+        self._scripts = Scripts(client)
 
     # -- pending groups -------------------------------------------------------------------
 
@@ -104,25 +101,25 @@ class BatchRegistry:
             return
         with store_errors(self.url):
             pipe = self.redis.pipeline(transaction=True)
-            pipe.zadd(self._k("pending", gid), {m.id: m.deadline for m in members})
-            pipe.hset(self._k("pending", gid, "tok"), mapping={m.id: m.token for m in members})
+            pipe.zadd(self.keys.batch_group(gid), {m.id: m.deadline for m in members})
+            pipe.hset(self.keys.batch_group(gid, "tok"), mapping={m.id: m.token for m in members})
             pipe.hset(
-                self._k("pending", gid, "size"),
+                self.keys.batch_group(gid, "size"),
                 mapping=dict(zip((m.id for m in members), sizes, strict=True)),
             )
-            pipe.hsetnx(self._k("pending", gid, "meta"), "first_at", repr(now))
-            pipe.sadd(self._k("groups"), gid)
+            pipe.hsetnx(self.keys.batch_group(gid, "meta"), "first_at", repr(now))
+            pipe.sadd(self.keys.batches("groups"), gid)
             pipe.execute()
 
     def groups(self) -> list[GroupInfo]:
         with store_errors(self.url):
-            gids = sorted(g.decode() for g in self.redis.smembers(self._k("groups")))
+            gids = sorted(g.decode() for g in self.redis.smembers(self.keys.batches("groups")))
             pipe = self.redis.pipeline(transaction=False)
             for gid in gids:
-                pipe.zcard(self._k("pending", gid))
-                pipe.hvals(self._k("pending", gid, "size"))
-                pipe.hget(self._k("pending", gid, "meta"), "first_at")
-                pipe.zrange(self._k("pending", gid), 0, 0, withscores=True)
+                pipe.zcard(self.keys.batch_group(gid))
+                pipe.hvals(self.keys.batch_group(gid, "size"))
+                pipe.hget(self.keys.batch_group(gid, "meta"), "first_at")
+                pipe.zrange(self.keys.batch_group(gid), 0, 0, withscores=True)
             raw = pipe.execute()
         out = []
         for i, gid in enumerate(gids):
@@ -142,61 +139,34 @@ class BatchRegistry:
 
     def take(self, gid: str, n: int) -> list[tuple[str, str]]:
         """Up to ``n`` staged (id, token) pairs, earliest deadline first, removed atomically."""
-        script = """
-        local ids = redis.call('ZRANGE', KEYS[1], 0, tonumber(ARGV[1]) - 1)
-        local out = {}
-        for _, id in ipairs(ids) do
-          table.insert(out, id)
-          table.insert(out, redis.call('HGET', KEYS[2], id) or '')
-          redis.call('ZREM', KEYS[1], id)
-          redis.call('HDEL', KEYS[2], id)
-          redis.call('HDEL', KEYS[3], id)
-        end
-        if redis.call('ZCARD', KEYS[1]) == 0 then
-          redis.call('DEL', KEYS[4])
-          redis.call('SREM', KEYS[5], ARGV[2])
-        end
-        return out
-        """
         keys = [
-            self._k("pending", gid),
-            self._k("pending", gid, "tok"),
-            self._k("pending", gid, "size"),
-            self._k("pending", gid, "meta"),
-            self._k("groups"),
+            self.keys.batch_group(gid),
+            self.keys.batch_group(gid, "tok"),
+            self.keys.batch_group(gid, "size"),
+            self.keys.batch_group(gid, "meta"),
+            self.keys.batches("groups"),
         ]
         with store_errors(self.url):
-            flat = self.redis.eval(script, len(keys), *keys, n, gid)
+            flat = self._scripts["batch_take"](keys=keys, args=[n, gid])
         return [(flat[i].decode(), flat[i + 1].decode()) for i in range(0, len(flat), 2)]
-
-    def unstage(self, gid: str, request_ids: Iterable[str]) -> None:
-        ids = list(request_ids)
-        if not ids:
-            return
-        with store_errors(self.url):
-            pipe = self.redis.pipeline(transaction=True)
-            pipe.zrem(self._k("pending", gid), *ids)
-            pipe.hdel(self._k("pending", gid, "tok"), *ids)
-            pipe.hdel(self._k("pending", gid, "size"), *ids)
-            pipe.execute()
 
     def last_window(self, gid: str) -> float | None:
         """When a submit window last flushed this group (so a window fires once)."""
         with store_errors(self.url):
-            raw = self.redis.hget(self._k("windows"), gid)
+            raw = self.redis.hget(self.keys.batches("windows"), gid)
         return float(raw) if raw else None
 
     def mark_window(self, gid: str, now: float) -> None:
         with store_errors(self.url):
-            self.redis.hset(self._k("windows"), gid, repr(now))
+            self.redis.hset(self.keys.batches("windows"), gid, repr(now))
 
     # -- batches --------------------------------------------------------------------------
 
     def record_intent(self, record: BatchRecord) -> None:
         with store_errors(self.url):
             pipe = self.redis.pipeline(transaction=True)
-            pipe.set(self._k("b", record.key), record.model_dump_json())
-            pipe.zadd(self._k("intents"), {record.key: record.created_at})
+            pipe.set(self.keys.batch(record.key), record.model_dump_json())
+            pipe.zadd(self.keys.batches("intents"), {record.key: record.created_at})
             pipe.execute()
 
     def record_submitted(
@@ -208,19 +178,19 @@ class BatchRegistry:
         record.submitted_at = now
         with store_errors(self.url):
             pipe = self.redis.pipeline(transaction=True)
-            pipe.set(self._k("b", record.key), record.model_dump_json())
-            pipe.zrem(self._k("intents"), record.key)
-            pipe.zadd(self._k("inflight"), {record.key: first_poll_at})
-            pipe.hset(self._k("byid"), batch_id, record.key)
+            pipe.set(self.keys.batch(record.key), record.model_dump_json())
+            pipe.zrem(self.keys.batches("intents"), record.key)
+            pipe.zadd(self.keys.batches("inflight"), {record.key: first_poll_at})
+            pipe.hset(self.keys.batches("byid"), batch_id, record.key)
             pipe.execute()
 
     def save(self, record: BatchRecord) -> None:
         with store_errors(self.url):
-            self.redis.set(self._k("b", record.key), record.model_dump_json())
+            self.redis.set(self.keys.batch(record.key), record.model_dump_json())
 
     def get(self, key: str) -> BatchRecord:
         with store_errors(self.url):
-            raw = self.redis.get(self._k("b", key))
+            raw = self.redis.get(self.keys.batch(key))
         if raw is None:
             raise NotFound(key)
         return BatchRecord.model_validate_json(raw)
@@ -228,39 +198,38 @@ class BatchRegistry:
     def known_batch_ids(self) -> list[str]:
         """Provider batch ids already recorded (an orphan search must not adopt them)."""
         with store_errors(self.url):
-            return [r.decode() for r in self.redis.hkeys(self._k("byid"))]
-
-    def key_of(self, batch_id: str) -> str | None:
-        with store_errors(self.url):
-            raw = self.redis.hget(self._k("byid"), batch_id)
-        return raw.decode() if raw else None
+            return [r.decode() for r in self.redis.hkeys(self.keys.batches("byid"))]
 
     def stale_intents(self, older_than: float) -> list[str]:
         with store_errors(self.url):
-            raw = self.redis.zrangebyscore(self._k("intents"), "-inf", older_than)
+            raw = self.redis.zrangebyscore(self.keys.batches("intents"), "-inf", older_than)
         return [r.decode() for r in raw]
 
     def due(self, now: float, limit: int = 100) -> list[str]:
         with store_errors(self.url):
-            raw = self.redis.zrangebyscore(self._k("inflight"), "-inf", now, start=0, num=limit)
+            raw = self.redis.zrangebyscore(
+                self.keys.batches("inflight"), "-inf", now, start=0, num=limit
+            )
         return [r.decode() for r in raw]
 
     def inflight(self) -> list[str]:
         with store_errors(self.url):
-            return [r.decode() for r in self.redis.zrange(self._k("inflight"), 0, -1)]
+            return [r.decode() for r in self.redis.zrange(self.keys.batches("inflight"), 0, -1)]
 
     def schedule_poll(self, key: str, at: float) -> None:
         with store_errors(self.url):
-            self.redis.zadd(self._k("inflight"), {key: at}, xx=True)
+            self.redis.zadd(self.keys.batches("inflight"), {key: at}, xx=True)
 
     def claim_collect(self, key: str, lease_s: float, now: float) -> bool:
         """One collector at a time: push the next poll past the collection's lease."""
         with store_errors(self.url):
-            score = self.redis.zscore(self._k("inflight"), key)
+            score = self.redis.zscore(self.keys.batches("inflight"), key)
             if score is None:
                 return False
             return bool(
-                self.redis.zadd(self._k("inflight"), {key: now + lease_s}, xx=True, ch=True)
+                self.redis.zadd(
+                    self.keys.batches("inflight"), {key: now + lease_s}, xx=True, ch=True
+                )
             )
 
     def finish(
@@ -271,19 +240,15 @@ class BatchRegistry:
         record.note = note
         with store_errors(self.url):
             pipe = self.redis.pipeline(transaction=True)
-            pipe.set(self._k("b", record.key), record.model_dump_json(), ex=14 * 86400)
-            pipe.zrem(self._k("inflight"), record.key)
-            pipe.zrem(self._k("intents"), record.key)
+            pipe.set(self.keys.batch(record.key), record.model_dump_json(), ex=14 * 86400)
+            pipe.zrem(self.keys.batches("inflight"), record.key)
+            pipe.zrem(self.keys.batches("intents"), record.key)
             pipe.execute()
 
     def counts(self) -> dict[str, int]:
         with store_errors(self.url):
             pipe = self.redis.pipeline(transaction=False)
-            pipe.zcard(self._k("inflight"))
-            pipe.zcard(self._k("intents"))
+            pipe.zcard(self.keys.batches("inflight"))
+            pipe.zcard(self.keys.batches("intents"))
             inflight, intents = pipe.execute()
         return {"inflight": inflight, "intents": intents}
-
-
-def dumps_members(members: dict[str, list[Member]]) -> str:
-    return json.dumps({k: [m.model_dump() for m in v] for k, v in members.items()})

@@ -29,9 +29,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from importlib.util import find_spec
 from pathlib import Path
-from types import TracebackType
 from typing import Any
-from urllib.parse import parse_qsl, urlencode, urlsplit
 
 import redis
 from redis.backoff import NoBackoff
@@ -45,7 +43,6 @@ __all__ = [
     "EmbeddedRedis",
     "ensure_running",
     "free_port",
-    "redact_url",
     "redis_server_binary",
     "running_url",
 ]
@@ -61,42 +58,6 @@ _PROBE_TIMEOUT_S = 0.5
 _AUTO_PORT_ATTEMPTS = 3
 _LOG_TAIL_LINES = 20
 _PR_SET_PDEATHSIG = 1
-
-
-def redact_url(url: str) -> str:
-    """Return ``url`` with its password (userinfo or ``?password=``) replaced by ``***``.
-
-    Every URL that reaches a log line, an error message or the CLI goes through here, so a
-    Redis password never leaks. A bare ``user@`` is redacted too: people often put the
-    password there by mistake.
-    """
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return "<unparseable url>"
-    netloc = parts.netloc
-    userinfo, at, hostport = netloc.rpartition("@")
-    if at:
-        user, colon, _password = userinfo.partition(":")
-        netloc = f"{user}:***@{hostport}" if colon else f"***@{hostport}"
-    query = parts.query
-    if query:
-        pairs = parse_qsl(query, keep_blank_values=True)
-        if any(key.lower() == "password" for key, _ in pairs):
-            query = urlencode(
-                [(key, "***" if key.lower() == "password" else value) for key, value in pairs],
-                safe="*",
-            )
-    if netloc == parts.netloc and query == parts.query:
-        return url
-    rebuilt = (
-        f"{parts.scheme}://{netloc}{parts.path}" if parts.scheme else f"//{netloc}{parts.path}"
-    )
-    if query:
-        rebuilt += f"?{query}"
-    if parts.fragment:
-        rebuilt += f"#{parts.fragment}"
-    return rebuilt
 
 
 def redis_server_binary() -> str:
@@ -357,12 +318,7 @@ class EmbeddedRedis:
     def __enter__(self) -> EmbeddedRedis:
         return self.start()
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    def __exit__(self, *exc_info: object) -> None:
         self.stop()
 
     def _start_unlocked(self) -> None:

@@ -44,18 +44,14 @@ from typing import Any
 import redis
 from pydantic import BaseModel
 
-from routing.decide.estimates import (
-    GpuObs,
-    Headroom,
-    LatencyObs,
-    Observations,
-    TurnaroundObs,
-    parse_rate_limit,
-)
-from routing.decide.route import Decision, RouteOptions, learn
+from routing.decide.estimates import GpuObs, LatencyObs, Observations, TurnaroundObs
+from routing.decide.options import RouteOptions, learn
+from routing.decide.ratelimit import Headroom, parse_rate_limit
+from routing.decide.route import Decision
 from routing.errors import NotFound
-from routing.keys import Keys, lane_of
-from routing.store.lanes import store_errors
+from routing.keys import Keys, ObsKind, lane_of
+from routing.store.base import store_errors
+from routing.store.scripts import Scripts
 
 log = logging.getLogger(__name__)
 
@@ -66,32 +62,6 @@ DEFAULT_TTL_S = 14 * 86400
 SEEN_TTL_S = 3 * 86400
 INFLIGHT_MAX_AGE_S = 3 * 86400
 """An in-flight entry older than this lost its batch to a path that never closed it: dropped."""
-
-_RECORD = """
--- KEYS[1] seen marker (or a dummy)   KEYS[2] observation list   KEYS[3] index set
--- KEYS[4] in-flight hash
--- ARGV[1] entry   ARGV[2] max entries   ARGV[3] ttl s   ARGV[4] seen ttl s
--- ARGV[5] list key name for the index   ARGV[6] batch key ('' when not deduplicated)
-if ARGV[6] ~= '' then
-  if not redis.call('SET', KEYS[1], '1', 'NX', 'EX', tonumber(ARGV[4])) then return 0 end
-  redis.call('HDEL', KEYS[4], ARGV[6])
-end
-redis.call('LPUSH', KEYS[2], ARGV[1])
-redis.call('LTRIM', KEYS[2], 0, tonumber(ARGV[2]) - 1)
-redis.call('EXPIRE', KEYS[2], tonumber(ARGV[3]))
-redis.call('SADD', KEYS[3], ARGV[5])
-redis.call('EXPIRE', KEYS[3], tonumber(ARGV[3]))
-return 1
-"""
-
-_SAVE_DECISION = """
--- KEYS[1] request hash   ARGV[1] decision JSON
--- Only on a request that still exists: never resurrect an expired hash with one field.
-if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
-redis.call('HSET', KEYS[1], 'decision', ARGV[1])
-redis.call('HINCRBY', KEYS[1], 'decisions', 1)
-return 1
-"""
 
 
 def _dumps(value: Any) -> str:
@@ -120,22 +90,20 @@ class ObservationStore:
         self.url = url
         self.max_per_key = max_per_key
         self.ttl_s = ttl_s
-        self._tag = f"{namespace}:{{obs}}"
-        self._record = client.register_script(_RECORD)
+        self.keys = Keys(namespace)
+        self._record = Scripts(client)["observe"]
         self._learned: tuple[float, int, RouteOptions] | None = None
-
-    def key(self, *parts: str) -> str:
-        return ":".join((self._tag, *parts))
 
     # -- recording (advisory) ---------------------------------------------------------------
 
-    def _push(self, kind: str, name: str, entry: list[Any], batch_key: str = "") -> bool:
-        list_key = self.key(kind, name)
+    def _push(self, kind: ObsKind, name: str, entry: list[Any], batch_key: str = "") -> bool:
+        k = self.keys
+        list_key = k.obs_list(kind, name)
         keys = [
-            self.key("seen", batch_key) if batch_key else self.key("seen", "-"),
+            k.obs_seen(batch_key or "-"),
             list_key,
-            self.key(kind, "index"),
-            self.key("inflight"),
+            k.obs_list(kind, "index"),
+            k.obs("inflight"),
         ]
         args = [_dumps(entry), self.max_per_key, self.ttl_s, SEEN_TTL_S, name, batch_key]
         try:
@@ -152,7 +120,7 @@ class ObservationStore:
         entry = _dumps([f"{provider}|{endpoint}|{model}", at, max(int(size), 1)])
         try:
             with store_errors(self.url):
-                self.redis.hset(self.key("inflight"), batch_key, entry)
+                self.redis.hset(self.keys.obs("inflight"), batch_key, entry)
         except Exception as exc:
             log.warning(
                 "observation not recorded", extra={"batch_key": batch_key, "error": str(exc)}
@@ -202,7 +170,7 @@ class ObservationStore:
             return
         try:
             with store_errors(self.url):
-                self.redis.hset(self.key("headroom"), name, headroom.model_dump_json())
+                self.redis.hset(self.keys.obs("headroom"), name, headroom.model_dump_json())
         except Exception as exc:
             log.warning("observation not recorded", extra={"key": name, "error": str(exc)})
 
@@ -228,7 +196,7 @@ class ObservationStore:
         if names:
             try:
                 with store_errors(self.url):
-                    self.redis.hset(self.key("g", "aliases"), mapping=names)
+                    self.redis.hset(self.keys.obs_list("g", "aliases"), mapping=names)
             except Exception as exc:
                 log.warning("observation not recorded", extra={"key": model, "error": str(exc)})
 
@@ -240,19 +208,20 @@ class ObservationStore:
         with store_errors(self.url):
             pipe = self.redis.pipeline(transaction=False)
             for kind in ("b", "r", "g"):
-                pipe.smembers(self.key(kind, "index"))
-            pipe.hgetall(self.key("inflight"))
-            pipe.hgetall(self.key("headroom"))
-            pipe.hgetall(self.key("g", "aliases"))
+                pipe.smembers(self.keys.obs_list(kind, "index"))
+            pipe.hgetall(self.keys.obs("inflight"))
+            pipe.hgetall(self.keys.obs("headroom"))
+            pipe.hgetall(self.keys.obs_list("g", "aliases"))
             b_idx, r_idx, g_idx, inflight_raw, headroom_raw, aliases_raw = pipe.execute()
-            names = {
-                kind: sorted(n.decode() for n in idx)
-                for kind, idx in (("b", b_idx), ("r", r_idx), ("g", g_idx))
+            names: dict[ObsKind, list[str]] = {
+                "b": sorted(n.decode() for n in b_idx),
+                "r": sorted(n.decode() for n in r_idx),
+                "g": sorted(n.decode() for n in g_idx),
             }
             pipe = self.redis.pipeline(transaction=False)
             for kind, keys in names.items():
                 for name in keys:
-                    pipe.lrange(self.key(kind, name), 0, -1)
+                    pipe.lrange(self.keys.obs_list(kind, name), 0, -1)
             lists = iter(pipe.execute())
         seen = Observations()
         stale: list[str] = []
@@ -283,7 +252,7 @@ class ObservationStore:
         seen.gpu_aliases = {k.decode(): v.decode() for k, v in aliases_raw.items()}
         if stale:
             with store_errors(self.url):
-                self.redis.hdel(self.key("inflight"), *stale)
+                self.redis.hdel(self.keys.obs("inflight"), *stale)
         return seen
 
     def learned(self, base: RouteOptions, now: float, refresh_s: float = 5.0) -> RouteOptions:
@@ -302,7 +271,7 @@ class ObservationStore:
     def clear(self) -> int:
         """Forget every observation (operations: after a provider incident that is over)."""
         with store_errors(self.url):
-            keys = list(self.redis.scan_iter(match=self.key("*"), count=1000))
+            keys = list(self.redis.scan_iter(match=self.keys.obs_pattern(), count=1000))
             self._learned = None
             return int(self.redis.delete(*keys)) if keys else 0
 
@@ -326,7 +295,7 @@ class DecisionStore:
         self.redis = client
         self.keys = keys
         self.url = url
-        self._save = client.register_script(_SAVE_DECISION)
+        self._save = Scripts(client)["save_decision"]
 
     def save_many(self, decisions: Mapping[str, Decision]) -> None:
         """Store decisions in one pipeline; a request that is gone is skipped. Advisory."""

@@ -24,78 +24,15 @@ from redis import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from routing.errors import MixbatchError, StoreUnavailable
+from routing.errors import SemaphoreBusy, StoreUnavailable
+from routing.store.scripts import Scripts
 
-__all__ = ["RedisSemaphore", "SemaphoreBusy"]
+__all__ = ["RedisSemaphore"]
 
 logger = logging.getLogger(__name__)
 
 _FIRST_WAIT_S = 0.005
 _MAX_WAIT_S = 0.1
-
-# KEYS[1]  holders: ZSET token -> lease expiry (server ms)
-# ARGV[1]  limit
-# ARGV[2]  token
-# ARGV[3]  lease in ms
-# Returns 1 if the token now holds a slot, 0 if the semaphore is full.
-# The key's own TTL follows the longest lease, so an abandoned semaphore leaves nothing behind.
-_ACQUIRE = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local lease = tonumber(ARGV[3])
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
-if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[1]) then
-  return 0
-end
-redis.call('ZADD', KEYS[1], now + lease, ARGV[2])
-if redis.call('PTTL', KEYS[1]) < lease then
-  redis.call('PEXPIRE', KEYS[1], lease)
-end
-return 1
-"""
-
-# KEYS[1]  holders: ZSET token -> lease expiry (server ms)
-# ARGV[1]  token
-# ARGV[2]  lease in ms
-# Returns 1 if the token still held a live slot and its lease now runs ARGV[2] from now, else 0.
-_RENEW = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local lease = tonumber(ARGV[2])
-local expiry = redis.call('ZSCORE', KEYS[1], ARGV[1])
-if not expiry or tonumber(expiry) <= now then
-  redis.call('ZREM', KEYS[1], ARGV[1])
-  return 0
-end
-redis.call('ZADD', KEYS[1], 'XX', now + lease, ARGV[1])
-if redis.call('PTTL', KEYS[1]) < lease then
-  redis.call('PEXPIRE', KEYS[1], lease)
-end
-return 1
-"""
-
-# KEYS[1]  holders: ZSET token -> lease expiry (server ms)
-# Returns the number of holders whose lease has not run out.
-_COUNT = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-return redis.call('ZCOUNT', KEYS[1], '(' .. now, '+inf')
-"""
-
-
-class SemaphoreBusy(MixbatchError, TimeoutError):
-    """Every slot stayed taken for the whole wait. Retryable: slots free up as calls finish."""
-
-    retryable = True
-
-    def __init__(self, key: str, limit: int, waited_s: float) -> None:
-        self.key = key
-        self.limit = limit
-        self.waited_s = waited_s
-        super().__init__(
-            f"all {limit} slots of semaphore {key!r} stayed taken for {waited_s:.2f} s; "
-            "raise the provider's max_concurrency or give the wait more time"
-        )
 
 
 @contextlib.contextmanager
@@ -126,9 +63,10 @@ class RedisSemaphore:
         self.key = key
         self.limit = limit
         self.lease_s = lease_s
-        self._acquire = redis.register_script(_ACQUIRE)
-        self._renew = redis.register_script(_RENEW)
-        self._count = redis.register_script(_COUNT)
+        scripts = Scripts(redis)
+        self._acquire = scripts["semaphore_acquire"]
+        self._renew = scripts["semaphore_renew"]
+        self._count = scripts["semaphore_count"]
 
     def __repr__(self) -> str:
         return f"RedisSemaphore(key={self.key!r}, limit={self.limit}, lease_s={self.lease_s:g})"

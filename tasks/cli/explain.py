@@ -17,6 +17,8 @@ from rich.markup import escape
 from rich.table import Table
 
 from routing.store.observations import DecisionStore, Explained
+from tasks.cli.handles import open_client
+from tasks.cli.output import console, example, print_json, when
 
 __all__ = ["explain"]
 
@@ -36,18 +38,16 @@ def _usd(value: float | None) -> str:
 
 
 def _print(found: Explained) -> None:
-    from tasks.cli.main import _when, console
-
     console.print(
         f"[bold]{escape(found.id)}[/]  lane {found.lane}, state {found.state}, "
-        f"route {found.route or '-'}, deadline {_when(found.deadline)}"
+        f"route {found.route or '-'}, deadline {when(found.deadline)}"
     )
     decision = found.decision
     if decision is None:
         console.print("not routed yet: the aggregator has not claimed it (or it predates explain)")
         return
     quantile = f"p{(decision.quantile or 0) * 100:g}" if decision.quantile else "expected"
-    table = Table(title=f"candidates at {_when(decision.decided_at)}")
+    table = Table(title=f"candidates at {when(decision.decided_at)}")
     table.add_column("route", no_wrap=True)
     table.add_column("provider", no_wrap=True)
     table.add_column(f"{quantile} finish", justify="right", no_wrap=True)
@@ -80,20 +80,14 @@ def _print(found: Explained) -> None:
 @click.command()
 @click.argument("request_id")
 @click.option("--json", "as_json", is_flag=True, help="the decision as JSON")
+@example("explain")
 def explain(request_id: str, as_json: bool) -> None:
     """Why a request got its route: every candidate route with its expected finish (at the
-    configured quantile), its expected cost, whether it fits the deadline, and the reason.
-
-    \b
-    Example:
-      mixbatch explain standard.01JD3...   |   mixbatch explain standard.01JD3... --json
-    """
-    from tasks.cli.main import _client, _print_json
-
-    with _client() as client:
+    configured quantile), its expected cost, whether it fits the deadline, and the reason."""
+    with open_client() as client:
         st = client.store
         found = DecisionStore(st.redis, st.keys, url=st.url).explain(request_id)
     if as_json:
-        _print_json(found.model_dump(mode="json"))
+        print_json(found.model_dump(mode="json"))
         return
     _print(found)

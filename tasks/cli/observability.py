@@ -14,7 +14,7 @@ Where each number comes from:
                                      drop.lua); ``none`` is a request that never got a route
     deadline misses                  ``counts`` field ``deadline_misses`` (finish.lua)
     provider batches in flight       the batch registry's in-flight index
-    cost and savings                 the ledger of ``tasks.costs``
+    cost and savings                 the ledger of ``routing.store.ledger``
     last sweep                       the heartbeat ``mixbatch.sweep`` writes on each run
 """
 
@@ -30,8 +30,9 @@ from config.queues import SERVICE_QUEUES
 from routing.errors import ConfigError, MixbatchError, NotFound
 from routing.models import LaneSpec, LaneStats
 from routing.states import FINISHED, State
+from routing.store.base import store_errors
 from routing.store.batches import BatchRecord, BatchRegistry
-from routing.store.lanes import LaneStore, store_errors
+from routing.store.lanes import LaneStore
 
 __all__ = [
     "BatchView",
@@ -216,7 +217,7 @@ class Observer:
         return out
 
     def snapshot(self, now: float | None = None) -> Snapshot:
-        from tasks.costs import totals
+        from routing.store.ledger import totals
 
         now = time.time() if now is None else now
         specs = sorted(self.lanes(), key=lambda s: -s.priority)

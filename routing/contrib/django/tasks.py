@@ -27,7 +27,7 @@ __all__ = ["store_answer"]
     # A worker killed mid-task gets the message again; apply_result makes that harmless.
     acks_late=True,
     # A locked or unreachable database passes; retry with backoff, never past a minute
-    # (long countdowns on a Redis broker risk redelivery: see DESIGN.md).
+    # (long countdowns on a Redis broker risk redelivery: see docs/architecture.md).
     autoretry_for=(OperationalError, InterfaceError),
     retry_backoff=1,
     retry_backoff_max=60,

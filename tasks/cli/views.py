@@ -1,89 +1,98 @@
-"""Operations commands: ``mixbatch top``, ``health``, ``metrics`` and ``flower``.
+"""Read-only views of the running service: ``mixbatch lanes``, ``costs``, ``top`` and ``health``.
 
-    mixbatch top [--once | --json] [--interval S]   live view: lanes, routes, batches, savings
+    mixbatch lanes [--json]                          depth, oldest age, nearest deadline per lane
+    mixbatch costs [--json]                          spend and savings by route, lane, tenant, tag
+    mixbatch top [--once | --json] [--interval S]    live view: lanes, routes, batches, savings
     mixbatch health [--json] [--wait S]              0 healthy; 3 Redis down; 1 workers or beat
-    mixbatch metrics [--port N] [--once]             the Prometheus endpoint (tasks.cli.metrics)
-    mixbatch flower [--address A] [--port N]         Flower, refusing a public bind without auth
 
-All of them read Redis only (``tasks.cli.observability``), so they run anywhere the service's
-``MIXBATCH_*`` environment is set, and a restart of any worker changes none of their numbers.
-Errors go through the ``mixbatch`` group: one line, and the exit codes of ``tasks.cli.main``.
+All of them only read Redis, so they run anywhere the service's ``MIXBATCH_*`` environment is
+set, and a restart of any worker changes none of their numbers.
 """
 
 from __future__ import annotations
 
-import inspect
-import json
 import signal
 import sys
 import time
-from collections.abc import Callable
 from datetime import UTC, datetime
-from types import FrameType
-from typing import Any, TypeVar
 
 import click
-from rich.console import Console, RenderableType
 from rich.console import Group as RichGroup
+from rich.console import RenderableType
 from rich.table import Table
 from rich.text import Text
 
 from config.ops import load_ops_settings
 from routing.errors import MixbatchError
-from routing.store.embedded import redact_url
-from routing.store.lanes import LaneStore
+from routing.store.base import redact_url
+from tasks.cli.handles import load_settings, open_client, open_observer
 from tasks.cli.observability import OUTCOMES, Health, Observer, Snapshot, check_health
-
-__all__ = ["OPS_EXAMPLES", "register_ops", "render_top"]
-
-OPS_EXAMPLES = {
-    "top": "mixbatch top                     # Ctrl-C to leave; --once or --json for scripts",
-    "health": "mixbatch health --json          # exit 0 healthy, 3 Redis down, 1 otherwise",
-    "metrics": "mixbatch metrics --port 9808    # then curl http://127.0.0.1:9808/metrics",
-    "flower": "mixbatch flower --port 5555     # public address: set MIXBATCH_FLOWER_BASIC_AUTH",
-}
-console = Console()
-err_console = Console(stderr=True)
+from tasks.cli.output import age, console, err_console, example, print_json
 
 
-# ``tasks.cli.main`` imports this module while it registers commands, so its helpers are imported
-# when a command runs, not at import (``python -m tasks.cli.main`` would otherwise be circular).
-def _settings() -> Any:
-    from tasks.cli.main import _settings as load
-
-    return load()
-
-
-def _age(seconds: float | None) -> str:
-    from tasks.cli.main import _age as age
-
-    return age(seconds)
-
-
-def _print_json(data: Any) -> None:
-    click.echo(json.dumps(data, indent=2, default=str))
-
-
-F = TypeVar("F", bound=Callable[..., Any])
-
-
-def example(name: str) -> Callable[[F], F]:
-    """Append the command's example to its help, as ``tasks.cli.example`` does, but dedent
-    the docstring first: otherwise click re-wraps its indented continuation lines with the
-    indentation left inside the paragraph."""
-
-    def wrap(fn: F) -> F:
-        fn.__doc__ = f"{inspect.cleandoc(fn.__doc__ or '')}\n\n\b\nExample:\n  {OPS_EXAMPLES[name]}"
-        return fn
-
-    return wrap
+@click.command()
+@click.option("--json", "as_json", is_flag=True)
+@example("lanes")
+def lanes(as_json: bool) -> None:
+    """Depth, oldest age and nearest deadline of every lane."""
+    with open_client() as client:
+        specs = client.config.by_priority()
+        stats = [client.store.lane_stats(spec.name) for spec in specs]
+    if as_json:
+        print_json([s.model_dump() for s in stats])
+        return
+    table = Table(title="lanes")
+    for col in (
+        "lane",
+        "priority",
+        "queued",
+        "delayed",
+        "leased",
+        "oldest",
+        "nearest deadline",
+        "max_queued",
+    ):
+        table.add_column(col, justify="left" if col == "lane" else "right")
+    for spec, s in zip(specs, stats, strict=True):
+        table.add_row(
+            s.lane, str(spec.priority), str(s.depth), str(s.delayed), str(s.leased),
+            age(s.oldest_age_s), age(s.nearest_deadline_s), str(spec.max_queued),
+        )  # fmt: skip
+    console.print(table)
 
 
-def _observer() -> tuple[Observer, LaneStore]:
-    """A store built from this invocation's settings (never a cached one from another run)."""
-    s = _settings()
-    store = LaneStore.from_url(s.broker_url(), namespace=s.namespace, result_ttl_s=s.result_ttl_s)
-    return Observer(store, fallback_lanes=lambda: s.lanes()), store
+@click.command()
+@click.option("--json", "as_json", is_flag=True)
+@example("costs")
+def costs(as_json: bool) -> None:
+    """Spend by lane, tenant, spend tag and route, priced from the providers' usage with
+    config/prices.toml, and what the batch route saved against synchronous prices."""
+    from routing.store.ledger import totals
+
+    with open_client() as client:
+        data = totals(client.store)
+    if as_json:
+        print_json(data)
+        return
+    if not data:
+        console.print("no finished requests priced yet")
+        return
+    for group, title in (
+        ("all", "total"),
+        ("route", "by route"),
+        ("lane", "by lane"),
+        ("tenant", "by tenant"),
+        ("tag", "by spend tag"),
+    ):
+        rows = data.get(group)
+        if not rows:
+            continue
+        table = Table(title=title)
+        for col in (group if group != "all" else "", "requests", "cost USD", "saved USD"):
+            table.add_column(col, justify="left" if col in (group, "") else "right")
+        for name, row in sorted(rows.items()):
+            table.add_row(name, f"{row['count']:.0f}", f"{row['cost']:.4f}", f"{row['saved']:.4f}")
+        console.print(table)
 
 
 # -- top -------------------------------------------------------------------------------------
@@ -110,7 +119,7 @@ def render_top(
 ) -> RenderableType:
     """One frame of ``mixbatch top`` (pure: a snapshot in, rich renderables out)."""
     stamp = datetime.fromtimestamp(snap.at, UTC).strftime("%H:%M:%S UTC")
-    sweep = "never" if snap.last_sweep_at is None else f"{_age(snap.at - snap.last_sweep_at)} ago"
+    sweep = "never" if snap.last_sweep_at is None else f"{age(snap.at - snap.last_sweep_at)} ago"
     head = Text.assemble(
         ("mixbatch top", "bold"),
         f"  {stamp}  {where}  last sweep {sweep}",
@@ -129,13 +138,13 @@ def render_top(
     for lane in snap.lanes:
         by_outcome = {o: sum(r.get(o, 0) for r in lane.finished.values()) for o in OUTCOMES}
         rate = rates.get(lane.lane)
-        slack = _age(lane.min_slack_s)
+        slack = age(lane.min_slack_s)
         lanes.add_row(
             lane.lane,
             str(lane.depth),
             str(lane.delayed),
             str(lane.leased),
-            _age(lane.oldest_age_s),
+            age(lane.oldest_age_s),
             Text(slack, style="red") if (lane.min_slack_s or 0) < 0 else slack,
             *[str(by_outcome[o]) for o in OUTCOMES],
             Text(str(lane.deadline_misses), style="red" if lane.deadline_misses else ""),
@@ -172,8 +181,8 @@ def render_top(
             str(b.lines),
             ",".join(b.lanes),
             b.last_status or b.state,
-            _age(snap.at - b.submitted_at) if b.submitted_at else "-",
-            _age(b.tightest_deadline - snap.at) if b.tightest_deadline else "-",
+            age(snap.at - b.submitted_at) if b.submitted_at else "-",
+            age(b.tightest_deadline - snap.at) if b.tightest_deadline else "-",
         )
     if not snap.batches:
         batches.caption = "none in flight"
@@ -207,12 +216,12 @@ def top(interval: float, once: bool, as_json: bool) -> None:
     routes with their cost, provider batches in flight, and what batching saved."""
     if interval <= 0:
         raise click.BadParameter("must be above 0", param_hint="--interval")
-    observer, store = _observer()
+    observer, store = open_observer()
     where = redact_url(store.url)
     try:
         snap = observer.snapshot()
         if as_json:
-            _print_json(snap.model_dump(mode="json"))
+            print_json(snap.model_dump(mode="json"))
             return
         if once:
             console.print(render_top(snap, where=where))
@@ -255,7 +264,7 @@ def _live(observer: Observer, snap: Snapshot, where: str, interval: float) -> No
 
 
 def _health_once(timeout_s: float) -> Health:
-    s = _settings()
+    s = load_settings()
     return check_health(
         s.broker_url,
         namespace=s.namespace,
@@ -295,7 +304,7 @@ def health(as_json: bool, timeout_s: float | None, wait_s: float) -> None:
         time.sleep(min(1.0, max(end - time.monotonic(), 0.0)))
     code = 0 if result.ok else (1 if result.redis_ok else 3)
     if as_json:
-        _print_json({**result.model_dump(), "exit_code": code})
+        print_json({**result.model_dump(), "exit_code": code})
     else:
         for check in result.checks:
             mark = "[green]ok[/]  " if check.ok else "[red]FAIL[/]"
@@ -303,77 +312,3 @@ def health(as_json: bool, timeout_s: float | None, wait_s: float) -> None:
         if not result.ok:
             err_console.print(f"[red]unhealthy:[/] {result.reason()}", highlight=False)
     sys.exit(code)
-
-
-# -- metrics ---------------------------------------------------------------------------------
-
-
-@click.command()
-@click.option("--port", type=int, default=None, help="default MIXBATCH_METRICS_PORT (9808)")
-@click.option("--address", default=None, help="default MIXBATCH_METRICS_ADDRESS (127.0.0.1)")
-@click.option("--once", is_flag=True, help="print what a scrape would get and exit")
-@example("metrics")
-def metrics(port: int | None, address: str | None, once: bool) -> None:
-    """Serve the Prometheus endpoint (/metrics): lane depth, age and slack, requests by lane,
-    route and outcome, deadline misses, batches in flight, cost and savings. Everything is
-    read from Redis on each scrape, so counters survive restarts of any process."""
-    from tasks.cli.metrics import build_registry, render_text, serve
-
-    ops = load_ops_settings()
-    observer, store = _observer()
-    registry = build_registry(lambda: observer, lambda: _settings().providers)
-    if once:
-        try:
-            observer.snapshot()  # a scripted caller wants the error, not `redis_up 0`
-            sys.stdout.write(render_text(registry))
-        finally:
-            store.close()
-        return
-    variable = "--port" if port is not None else "MIXBATCH_METRICS_PORT"
-    port = ops.metrics_port if port is None else port
-    address = ops.metrics_address if address is None else address
-    server = serve(address, port, registry, variable)
-    err_console.print(
-        f"metrics at http://{address}:{server.server_port}/metrics (Redis {redact_url(store.url)})",
-        highlight=False,
-    )
-
-    def _stop(signum: int, _frame: FrameType | None) -> None:
-        raise SystemExit(0)
-
-    signal.signal(signal.SIGTERM, _stop)
-    try:
-        while True:
-            time.sleep(3600)
-    except KeyboardInterrupt:
-        pass
-    finally:
-        server.shutdown()
-        server.server_close()
-        store.close()
-
-
-# -- flower ----------------------------------------------------------------------------------
-
-
-@click.command()
-@click.option("--address", default=None, help="default MIXBATCH_FLOWER_ADDRESS (127.0.0.1)")
-@click.option("--port", type=int, default=None, help="default MIXBATCH_FLOWER_PORT (5555)")
-@example("flower")
-def flower(address: str | None, port: int | None) -> None:
-    """Run Flower (the Celery web UI) on the service's broker. A non-loopback address needs
-    MIXBATCH_FLOWER_BASIC_AUTH=user:password; the password never appears on a command line."""
-    from config.flower import run_flower
-
-    ops = load_ops_settings()
-    s = _settings()
-    s.broker_url()  # no Redis to watch is a clear error here, not in Flower
-    sys.exit(
-        run_flower(ops, address=address, port=port, log_level=s.log_level, log_format=s.log_format)
-    )
-
-
-def register_ops(cli: click.Group) -> None:
-    """Add the operations commands to the ``mixbatch`` group (called by ``tasks.cli.main``)."""
-    for command in (top, health, metrics, flower):
-        cli.add_command(command)

@@ -1,0 +1,175 @@
+"""What the route choice knows besides the request, and how it is learned. Pure; no I/O.
+
+``RouteOptions`` holds the priors (per-account batch turnaround, realtime latency, the GPU's
+wait and throughput), the margins, the price table, and the estimates learned from what the
+service has observed. ``learn`` fills the learned part from an ``Observations`` snapshot and
+``now``; whatever the observations do not support stays on the priors, so a fresh install and
+a flushed store route alike.
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from routing.decide.cost import PriceTable
+from routing.decide.estimates import (
+    DEFAULT_HALF_LIFE_S,
+    DEFAULT_MIN_SAMPLES,
+    DEFAULT_QUANTILE,
+    Estimate,
+    EstimateRule,
+    GpuEstimate,
+    LatencyObs,
+    Observations,
+    TurnaroundObs,
+    check_quantile,
+    gpu_estimate,
+    latency_estimate,
+    turnaround_estimate,
+)
+from routing.decide.ratelimit import rate_limit_wait_s
+from routing.models import Endpoint
+
+__all__ = [
+    "LOCAL_PROVIDER",
+    "PROVIDER_BY_ENDPOINT",
+    "RouteOptions",
+    "learn",
+    "serving_accounts",
+]
+
+#: Which provider account serves an endpoint when the model names none of its own.
+PROVIDER_BY_ENDPOINT: dict[Endpoint, str] = {
+    Endpoint.CHAT: "openai",
+    Endpoint.EMBEDDINGS: "openai",
+    Endpoint.RESPONSES: "openai",
+    Endpoint.MESSAGES: "anthropic",
+}
+
+#: The provider name of the GPU route (its results, its price-table entries, its group key).
+LOCAL_PROVIDER = "local"
+
+
+class RouteOptions(BaseModel):
+    """What the choice knows besides the request: priors, learned estimates, margins, prices.
+
+    The first four fields are the static rule's (``batch_turnaround_s`` the per-account prior,
+    ``realtime_estimate_s`` the realtime prior); the rest default to "nothing learned", so
+    ``RouteOptions()`` behaves as the static rule did. ``learn`` fills the ``*_estimates``.
+    """
+
+    model_config = ConfigDict(frozen=True, arbitrary_types_allowed=True)
+
+    batch_turnaround_s: dict[str, float] = Field(default_factory=dict)
+    margin_s: float = 600.0
+    hedge_margin_s: float = 120.0
+    realtime_estimate_s: float = 30.0
+
+    quantile: float = DEFAULT_QUANTILE
+    min_samples: int = Field(default=DEFAULT_MIN_SAMPLES, ge=1)
+    half_life_s: float = Field(default=DEFAULT_HALF_LIFE_S, gt=0)
+    fast_margin_s: float = Field(default=5.0, ge=0)
+    batch_overhead_s: float = Field(default=0.0, ge=0)
+    #: endpoint value -> accounts that can serve it; empty: ``PROVIDER_BY_ENDPOINT``
+    accounts: dict[str, tuple[str, ...]] = Field(default_factory=dict)
+    prices: PriceTable | None = None
+    #: "account|endpoint|model" (and "account|*", pooled) -> turnaround at the quantile
+    batch_estimates: dict[str, Estimate] = Field(default_factory=dict)
+    #: "account|model" (and "account|*") -> realtime latency at the quantile
+    realtime_estimates: dict[str, Estimate] = Field(default_factory=dict)
+    #: "account|model" -> seconds until the rate limit resets (0 or absent: headroom left)
+    realtime_wait_s: dict[str, float] = Field(default_factory=dict)
+    #: model names (aliases included) the local GPU worker serves: the only GPU candidates
+    local_models: frozenset[str] = frozenset()
+    #: model name or alias -> the GPU's estimate; a local model without one uses the priors
+    gpu: dict[str, GpuEstimate] = Field(default_factory=dict)
+    gpu_prior_wait_s: float = Field(default=2.0, ge=0)
+    gpu_prior_texts_per_s: float = Field(default=50.0, gt=0)
+    gpu_overhead_s: float = Field(default=1.0, ge=0)
+    gpu_max_age_s: float = Field(default=900.0, gt=0)
+    gpu_usd_per_hour: float = Field(default=1.0, ge=0)
+
+    @field_validator("quantile")
+    @classmethod
+    def _quantile(cls, v: float) -> float:
+        return check_quantile(v)
+
+
+def serving_accounts(options: RouteOptions, endpoint: str, model: str) -> tuple[str, ...]:
+    """Accounts that can serve ``model`` at ``endpoint``.
+
+    One account per endpoint unless ``options.accounts`` lists several; then, with a price
+    table, only those that price the model (an account without the model in the table is taken
+    not to serve it), falling back to the first listed so a request always has a candidate.
+    """
+    given = options.accounts.get(endpoint)
+    if not given:
+        return (PROVIDER_BY_ENDPOINT[Endpoint(endpoint)],)
+    if len(given) == 1 or options.prices is None:
+        return given
+    serving = tuple(a for a in given if options.prices.lookup(a, model) is not None)
+    return serving or given[:1]
+
+
+def learn(base: RouteOptions, seen: Observations, now: float) -> RouteOptions:
+    """``base`` with every estimate the observations support (the rest stay on the priors).
+
+    Batch turnarounds are estimated per (account, endpoint, model) and pooled per account (a
+    new model borrows its account's behaviour before it has its own history); realtime latency
+    per (account, model) and per account; the GPU per model, under its aliases too.
+    """
+    rule = EstimateRule(base.quantile, base.min_samples, base.half_life_s)
+    batch: dict[str, Estimate] = {}
+    pooled: dict[str, list[TurnaroundObs]] = {}
+    pooled_running: dict[str, list[TurnaroundObs]] = {}
+    keys = set(seen.batch) | set(seen.inflight)
+    for key in keys:
+        account = key.split("|", 1)[0]
+        prior = base.batch_turnaround_s.get(account)
+        if prior is None:
+            continue
+        done, running = seen.batch.get(key, []), seen.inflight.get(key, [])
+        pooled.setdefault(account, []).extend(done)
+        pooled_running.setdefault(account, []).extend(running)
+        batch[key] = turnaround_estimate(done, now, prior_s=prior, rule=rule, inflight=running)
+    for account, done in pooled.items():
+        batch[f"{account}|*"] = turnaround_estimate(
+            done,
+            now,
+            prior_s=base.batch_turnaround_s[account],
+            rule=rule,
+            inflight=pooled_running.get(account, []),
+        )
+    realtime: dict[str, Estimate] = {}
+    by_account: dict[str, list[LatencyObs]] = {}
+    for key, obs in seen.realtime.items():
+        realtime[key] = latency_estimate(obs, now, prior_s=base.realtime_estimate_s, rule=rule)
+        by_account.setdefault(key.split("|", 1)[0], []).extend(obs)
+    for account, obs in by_account.items():
+        realtime[f"{account}|*"] = latency_estimate(
+            obs, now, prior_s=base.realtime_estimate_s, rule=rule
+        )
+    waits = {key: w for key, h in seen.headroom.items() if (w := rate_limit_wait_s(h, now)) > 0}
+    gpu: dict[str, GpuEstimate] = {}
+    for model, reports in seen.gpu.items():
+        gpu[model] = gpu_estimate(
+            model,
+            reports,
+            now,
+            prior_wait_s=base.gpu_prior_wait_s,
+            prior_texts_per_s=base.gpu_prior_texts_per_s,
+            quantile=rule.quantile,
+            half_life_s=rule.half_life_s,
+            max_age_s=base.gpu_max_age_s,
+        )
+    for alias, model in seen.gpu_aliases.items():
+        if model in gpu and alias not in gpu:
+            gpu[alias] = gpu[model]
+    return base.model_copy(
+        update={
+            "batch_estimates": batch,
+            "realtime_estimates": realtime,
+            "realtime_wait_s": waits,
+            "gpu": gpu,
+        }
+    )

@@ -1,0 +1,132 @@
+"""The local route: answer started requests on our own models and store each answer.
+
+The model runner is a handle (``gpu_worker``'s registry, wired in by the gpu task): this module
+maps what it answers onto outcomes. An answer is DONE; a 5xx (out of memory, an internal
+failure) goes back to its lane, since the same request may well succeed later; any other error
+is FAILED with the runner's code and message.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from routing.decide.options import LOCAL_PROVIDER
+from routing.models import Claimed, ErrorInfo, StoredResult
+from routing.states import State
+from routing.store.lanes import LaneStore
+from routing.store.observations import ObservationStore
+
+
+class LocalAnswer(Protocol):
+    """One request's outcome from the model runner (``gpu_worker.engine.LocalAnswer``)."""
+
+    @property
+    def status_code(self) -> int: ...
+
+    @property
+    def body(self) -> dict[str, Any] | None: ...
+
+    @property
+    def error(self) -> Mapping[str, object] | None: ...
+
+    @property
+    def truncated(self) -> bool: ...
+
+    @property
+    def ok(self) -> bool: ...
+
+    @property
+    def retryable(self) -> bool: ...
+
+
+#: Answers the started requests, one answer per request, in order.
+Runner = Callable[[Sequence[Claimed]], Sequence[LocalAnswer]]
+
+
+@dataclass(frozen=True)
+class LocalOutcome:
+    finished: list[str]
+    requeued: int
+
+
+def run_local(
+    store: LaneStore, started: Sequence[Claimed], run: Runner, now: Callable[[], float]
+) -> LocalOutcome:
+    """Run ``started`` through the model, then store every outcome in one round trip."""
+    if not started:
+        return LocalOutcome([], 0)
+    answers = run(started)
+    at = now()
+    finishes: list[tuple[str, str, State, StoredResult]] = []
+    requeued = 0
+    for claimed, answer in zip(started, answers, strict=True):
+        if answer.ok:
+            finishes.append((claimed.id, claimed.token, State.DONE, _result(answer)))
+            continue
+        error = answer.error or {"code": "error", "message": "no answer"}
+        info = ErrorInfo(
+            code=str(error["code"]),
+            message=str(error["message"]),
+            retryable=answer.retryable,
+            status_code=answer.status_code,
+        )
+        if answer.retryable:
+            store.requeue(claimed.id, claimed.token, info, now=at)
+            requeued += 1
+            continue
+        failed = StoredResult(status_code=answer.status_code, error=info, provider=LOCAL_PROVIDER)
+        finishes.append((claimed.id, claimed.token, State.FAILED, failed))
+    won = store.finish_many(finishes, now=at)
+    return LocalOutcome([rid for (rid, *_), ok in zip(finishes, won, strict=True) if ok], requeued)
+
+
+def _result(answer: LocalAnswer) -> StoredResult:
+    body = answer.body or {}
+    usage = body.get("usage")
+    return StoredResult(
+        status_code=answer.status_code,
+        body=body,
+        usage=usage if isinstance(usage, dict) else None,
+        provider=LOCAL_PROVIDER,
+        truncated=answer.truncated,
+    )
+
+
+class _Spec(Protocol):
+    @property
+    def name(self) -> str: ...
+
+
+class Models(Protocol):
+    """The served models of a gpu worker (``gpu_worker.registry.Registry``)."""
+
+    def served(self) -> list[str]: ...
+
+    def spec(self, name: object) -> _Spec: ...
+
+    def engine(self, name: object) -> object: ...
+
+    def stats(self) -> dict[str, dict[str, Any]]: ...
+
+
+def warm(models: Models) -> list[str]:
+    """Load every configured model now, so the first micro-batch does not pay for it."""
+    names = sorted({models.spec(name).name for name in models.served()})
+    for name in names:
+        models.engine(name)
+    return names
+
+
+def report(observations: ObservationStore, models: Models) -> None:
+    """Each loaded model's measured throughput and queue wait, for the route choice; the
+    report is also the liveness signal. Aliases go with it, so an alias routes locally too."""
+    served = {name: models.spec(name).name for name in models.served()}
+    for model, values in models.stats().items():
+        observations.record_gpu(
+            model,
+            texts_per_s=values.get("texts_per_s"),
+            queue_wait_s=values.get("queue_wait_s"),
+            aliases=[name for name, of in served.items() if of == model and name != model],
+        )

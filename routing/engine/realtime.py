@@ -1,0 +1,149 @@
+"""The realtime route: call a provider's synchronous endpoint for started requests.
+
+One request's step: wait for a slot of the provider's semaphore (shared by every process),
+call with retries inside a time budget, then finish it (answer priced, totals added) or, on a
+retryable error, put it back in its lane after the provider's Retry-After or the shared
+backoff. Latency and rate-limit headroom are recorded for the route choice. Errors are told
+apart by type only (``routing.errors``): a ``RateLimited`` is a 429 wherever it came from.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+from routing.decide.backoff import RetryPolicy, backoff_s
+from routing.decide.cost import PriceTable
+from routing.engine.clock import Clock
+from routing.engine.pricing import price
+from routing.errors import MixbatchError, ProviderError, RateLimited
+from routing.models import Claimed, ErrorInfo, Route, StoredResult
+from routing.providers import RealtimeAdapter, call_with_retries
+from routing.providers.base import ProviderResponse
+from routing.states import State
+from routing.store.lanes import LaneStore
+from routing.store.ledger import record
+from routing.store.observations import ObservationStore
+from routing.store.semaphore import RedisSemaphore
+
+log = logging.getLogger(__name__)
+
+#: A semaphore slot outlives the call it guards by this much, so a slow exit never frees it early.
+SLOT_SLACK_S = 30.0
+
+
+@dataclass(frozen=True)
+class Realtime:
+    """The handles of one provider account's realtime calls."""
+
+    store: LaneStore
+    adapter: RealtimeAdapter
+    observations: ObservationStore
+    policy: RetryPolicy
+    prices: PriceTable
+    clock: Clock = time
+
+
+def error_info(exc: MixbatchError) -> ErrorInfo:
+    """What is stored about a failed call: a 429 is ``rate_limited``, others their type."""
+    if isinstance(exc, ProviderError):
+        code = "rate_limited" if isinstance(exc, RateLimited) else type(exc).__name__
+        return ErrorInfo(
+            code=code, message=str(exc), retryable=exc.retryable, status_code=exc.status_code
+        )
+    return ErrorInfo(code=type(exc).__name__, message=str(exc), retryable=exc.retryable)
+
+
+def run_all(
+    rt: Realtime, started: Sequence[Claimed], *, budget_s: float, concurrency: int
+) -> list[str]:
+    """Run started requests concurrently; the ids that reached an outcome, to deliver."""
+    if not started:
+        return []
+    with ThreadPoolExecutor(max_workers=min(len(started), concurrency)) as pool:
+        outcomes = list(pool.map(lambda c: run_one(rt, c, budget_s), started))
+    finished = (State.DONE, State.FAILED)
+    return [c.id for c, o in zip(started, outcomes, strict=True) if o in finished]
+
+
+def run_one(rt: Realtime, claimed: Claimed, budget_s: float) -> State | None:
+    """One request, start to outcome: the state it ended in (None: its lease was lost)."""
+    account, req = rt.adapter.account, claimed.request
+    sem = RedisSemaphore(
+        rt.store.redis,
+        rt.store.keys.semaphore(account.name, req.model),
+        account.max_concurrency,
+        lease_s=budget_s + SLOT_SLACK_S,
+    )
+    started = rt.clock.monotonic()  # latency as a caller sees it: the slot wait included
+    try:
+        with sem.hold(timeout_s=budget_s):
+            resp = call_with_retries(
+                rt.adapter,
+                req.endpoint,
+                req.body,
+                policy=rt.policy,
+                budget_s=budget_s,
+                sleep=rt.clock.sleep,
+                clock=rt.clock.monotonic,
+            )
+    except MixbatchError as exc:
+        return _failed(rt, claimed, exc)
+    rt.observations.record_realtime(
+        account.name,
+        req.model,
+        latency_s=rt.clock.monotonic() - started,
+        at=rt.clock.time(),
+        rate_limit=resp.rate_limit,
+    )
+    return _answered(rt, claimed, resp)
+
+
+def _answered(rt: Realtime, claimed: Claimed, resp: ProviderResponse) -> State | None:
+    req, provider = claimed.request, rt.adapter.account.name
+    usage = resp.body.get("usage")
+    usage = usage if isinstance(usage, dict) else None
+    cost = price(rt.prices, req, provider, Route.REALTIME, usage)
+    result = StoredResult(
+        status_code=resp.status_code,
+        body=resp.body,
+        usage=usage,
+        provider=provider,
+        provider_request_id=resp.provider_request_id,
+        latency_s=resp.latency_s,
+        **cost.model_dump(),
+    )
+    if not rt.store.finish(claimed.id, claimed.token, State.DONE, result, now=rt.clock.time()):
+        return None
+    record(rt.store, req, Route.REALTIME, cost)
+    return State.DONE
+
+
+def _failed(rt: Realtime, claimed: Claimed, exc: MixbatchError) -> State | None:
+    """Retryable: back to the lane after Retry-After (a floor) or the backoff; else FAILED."""
+    req, provider, now = claimed.request, rt.adapter.account.name, rt.clock.time()
+    info = error_info(exc)
+    retry_after = exc.retry_after_s if isinstance(exc, ProviderError) else None
+    if isinstance(exc, RateLimited):  # no headroom until the provider's retry-after
+        rt.observations.record_realtime(
+            provider,
+            req.model,
+            latency_s=None,
+            at=now,
+            rate_limit={"retry-after": str(retry_after or 0)},
+            limited=True,
+        )
+    if exc.retryable:
+        wait = retry_after or backoff_s(rt.store.status(claimed.id).attempts, rt.policy)
+        log.info(
+            "realtime retry later",
+            extra={"request_id": claimed.id, "provider": provider, "error": info.code},
+        )
+        return rt.store.requeue(claimed.id, claimed.token, info, ready_at=now + wait, now=now)
+    body = exc.body if isinstance(exc, ProviderError) and isinstance(exc.body, dict) else None
+    result = StoredResult(status_code=info.status_code, body=body, error=info, provider=provider)
+    ok = rt.store.finish(claimed.id, claimed.token, State.FAILED, result, now=now)
+    return State.FAILED if ok else None

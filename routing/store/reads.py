@@ -1,0 +1,198 @@
+"""Reading requests and lanes: state, results, waiting for one, counters.
+
+Part of ``LaneStore`` (``routing.store.lanes``). Reads run no script: a request hash is read
+whole, or the fields asked for, in one pipelined round trip per call.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterable, Sequence
+from typing import NamedTuple
+
+from routing.errors import NotFound, ResultTimeout
+from routing.keys import lane_of
+from routing.models import ErrorInfo, LaneStats, Prepared, Result, Route, StatusInfo
+from routing.states import State
+from routing.store.base import StoreBase, decode, dumps, store_errors
+
+#: Below redis-py's default socket timeout (5 s), so a BLPOP never trips it.
+_WAIT_SLICE_S = 2.0
+
+
+class Holder(NamedTuple):
+    """Who holds a request now: the request, its state and its lease token ('' when none)."""
+
+    request: Prepared
+    state: State
+    token: str
+
+
+class ReadOps(StoreBase):
+    """Everything that reads a request or a lane without changing it (``results`` prunes)."""
+
+    def _hash(self, request_id: str) -> dict[str, str]:
+        with store_errors(self.url):
+            raw = self.redis.hgetall(self.keys.request(request_id))
+        if not raw:
+            raise NotFound(request_id)
+        return {decode(k): decode(v) for k, v in raw.items()}
+
+    def holders(self, request_ids: Sequence[str]) -> dict[str, Holder]:
+        """Request, state and lease token of many requests in one round trip (gone ones left out)."""
+        with store_errors(self.url):
+            pipe = self.redis.pipeline(transaction=False)
+            for rid in request_ids:
+                pipe.hmget(self.keys.request(rid), "data", "state", "lease_token")
+            rows = pipe.execute()
+        out: dict[str, Holder] = {}
+        for rid, (data, state, token) in zip(request_ids, rows, strict=True):
+            if data is not None and state is not None:
+                out[rid] = Holder(
+                    Prepared.model_validate_json(data), State(decode(state)), decode(token or b"")
+                )
+        return out
+
+    def prepared(self, request_id: str) -> Prepared:
+        return Prepared.model_validate_json(self._hash(request_id)["data"])
+
+    def status(self, request_id: str) -> StatusInfo:
+        h = self._hash(request_id)
+        err_raw = h.get("last_error") or None
+        result = json.loads(h["result"]) if h.get("result") else {}
+        if result.get("error"):
+            err_raw = dumps(result["error"])
+        return StatusInfo(
+            id=request_id,
+            state=State(h["state"]),
+            outcome=State(h["outcome"]) if h.get("outcome") else None,
+            lane=lane_of(request_id),
+            tenant=h.get("tenant", "default"),
+            custom_id=h.get("custom_id") or None,
+            attempts=int(h.get("attempts", 0)),
+            max_attempts=int(h.get("max_attempts", 1)),
+            deadline=float(h["deadline"]),
+            created_at=float(h["created_at"]),
+            updated_at=float(h.get("updated_at", h["created_at"])),
+            route=Route(h["route"]) if h.get("route") else None,
+            error=ErrorInfo.model_validate_json(err_raw) if err_raw else None,
+        )
+
+    def result(self, request_id: str) -> Result | None:
+        """The result if the request has finished, else None."""
+        return self._result_from_hash(request_id, self._hash(request_id))
+
+    def _result_from_hash(self, request_id: str, h: dict[str, str]) -> Result | None:
+        if not h.get("outcome"):
+            return None
+        data = json.loads(h["data"])
+        stored = json.loads(h.get("result") or "{}")
+        return Result(
+            id=request_id,
+            custom_id=h.get("custom_id") or None,
+            tenant=h.get("tenant", "default"),
+            lane=lane_of(request_id),
+            status=State(h["outcome"]),
+            status_code=stored.get("status_code"),
+            body=stored.get("body"),
+            error=ErrorInfo.model_validate(stored["error"]) if stored.get("error") else None,
+            usage=stored.get("usage"),
+            route=Route(h["route"]) if h.get("route") else None,
+            provider=stored.get("provider"),
+            cost_usd=stored.get("cost_usd"),
+            saved_usd=stored.get("saved_usd"),
+            model=data.get("model"),
+            endpoint=data.get("endpoint"),
+            attempts=int(h.get("attempts", 0)),
+            deadline=float(h["deadline"]),
+            created_at=float(h["created_at"]),
+            finished_at=float(h["finished_at"]) if h.get("finished_at") else None,
+            delivered=h.get("state") == State.DELIVERED.value,
+        )
+
+    def wait(self, request_id: str, timeout_s: float | None = None) -> Result:
+        """Block until the request finishes, without polling: BLPOP on its notify list."""
+        end = None if timeout_s is None else time.monotonic() + timeout_s
+        notify = self.keys.notify(request_id)
+        while True:
+            res = self.result(request_id)
+            if res is not None:
+                return res
+            left = _WAIT_SLICE_S if end is None else min(_WAIT_SLICE_S, end - time.monotonic())
+            if left <= 0:
+                raise ResultTimeout(request_id, timeout_s or 0.0, self.status(request_id).state)
+            with store_errors(self.url):
+                popped = self.redis.blpop([notify], timeout=max(left, 0.01))
+                if popped is not None:
+                    self.redis.lpush(notify, popped[1])
+
+    def results(self, lane: str, *, since: float = 0.0, limit: int = 10_000) -> list[Result]:
+        """Finished requests of a lane, oldest first; entries whose TTL ran out are pruned."""
+        key = self.keys.finished(lane)
+        with store_errors(self.url):
+            ids = [
+                decode(i) for i in self.redis.zrangebyscore(key, since, "+inf", start=0, num=limit)
+            ]
+            pipe = self.redis.pipeline(transaction=False)
+            for rid in ids:
+                pipe.hgetall(self.keys.request(rid))
+            hashes = pipe.execute()
+            out: list[Result] = []
+            gone: list[str] = []
+            for rid, raw in zip(ids, hashes, strict=True):
+                if not raw:
+                    gone.append(rid)
+                    continue
+                res = self._result_from_hash(rid, {decode(k): decode(v) for k, v in raw.items()})
+                if res is not None:
+                    out.append(res)
+            if gone:
+                self.redis.zrem(key, *gone)
+        return out
+
+    def lane_stats(self, lane: str, *, now: float | None = None) -> LaneStats:
+        now = time.time() if now is None else now
+        k = self.keys
+        with store_errors(self.url):
+            pipe = self.redis.pipeline(transaction=False)
+            pipe.zcard(k.queue(lane))
+            pipe.zcard(k.delayed(lane))
+            pipe.zcard(k.leases(lane))
+            pipe.zrange(k.queue_age(lane), 0, 0, withscores=True)
+            pipe.zrange(k.queue(lane), 0, 0, withscores=True)
+            pipe.hgetall(k.counts(lane))
+            depth, delayed, leased, oldest, nearest, counts = pipe.execute()
+        return LaneStats(
+            lane=lane,
+            depth=depth,
+            delayed=delayed,
+            leased=leased,
+            oldest_age_s=now - oldest[0][1] if oldest else None,
+            nearest_deadline_s=nearest[0][1] - now if nearest else None,
+            counts={decode(a): int(b) for a, b in counts.items()},
+        )
+
+    def leased_count(self, lanes: Iterable[str]) -> int:
+        with store_errors(self.url):
+            pipe = self.redis.pipeline(transaction=False)
+            for lane in lanes:
+                pipe.zcard(self.keys.leases(lane))
+            return sum(pipe.execute())
+
+    def finished_many(self, request_ids: Sequence[str]) -> dict[str, tuple[Prepared, Result]]:
+        """Request and result of many finished requests, one round trip (others left out)."""
+        with store_errors(self.url):
+            pipe = self.redis.pipeline(transaction=False)
+            for rid in request_ids:
+                pipe.hgetall(self.keys.request(rid))
+            rows = pipe.execute() if request_ids else []
+        out: dict[str, tuple[Prepared, Result]] = {}
+        for rid, raw in zip(request_ids, rows, strict=True):
+            h = {decode(k): decode(v) for k, v in raw.items()}
+            if not h:
+                continue
+            res = self._result_from_hash(rid, h)
+            if res is not None:
+                out[rid] = (Prepared.model_validate_json(h["data"]), res)
+        return out

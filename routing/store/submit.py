@@ -1,0 +1,249 @@
+"""Submitting requests: idempotency by custom_id, then creation, pipelined, one lane per script.
+
+Part of ``LaneStore`` (``routing.store.lanes``); the scripts are ``claim_ids``, ``submit_many``,
+``submit_one`` and ``release_idempotency`` in ``routing/lua/``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable, Sequence
+
+from routing.errors import LaneFull
+from routing.keys import lane_of, new_request_id
+from routing.models import Prepared, ServiceConfig, Ticket
+from routing.states import State
+from routing.store.base import StoreBase, decode, dumps, store_errors
+
+log = logging.getLogger(__name__)
+
+#: A custom_id claimed this long ago whose request never appeared: its submitter died.
+TAKEOVER_S = 30.0
+#: Requests per Lua call in bulk submit: long enough to amortise, short enough not to stall Redis.
+_SCRIPT_CHUNK = 1000
+
+
+class SubmitOps(StoreBase):
+    """Enqueueing: a request is durable once these return."""
+
+    def submit_many(
+        self, items: Sequence[Prepared], lanes: ServiceConfig, *, now: float | None = None
+    ) -> list[Ticket]:
+        """Enqueue in a few pipelined round trips, however many items.
+
+        Idempotency first: ``SET NX`` per (tenant, custom_id) decides who is first, and only the
+        first creates; everyone else gets the first request's ticket (``duplicate=True``) with
+        its stored lane and deadline. A custom_id whose first submitter died before creating
+        (older than ``TAKEOVER_S``) is taken over under the same id, so it is never lost. If a
+        lane is full, the requests that fit stay enqueued and ``LaneFull`` carries their tickets
+        (``accepted``) and the refused indices (``rejected``); resubmitting is safe.
+        """
+        now = time.time() if now is None else now
+        ids = [new_request_id(p.lane, now) for p in items]
+        first_of: dict[str, int] = {}
+        alias: dict[int, int] = {}
+        idem: list[tuple[int, str]] = []
+        for i, p in enumerate(items):
+            if p.custom_id is None:
+                continue
+            key = self.keys.idempotency(p.tenant, p.custom_id)
+            if key in first_of:
+                alias[i] = first_of[key]
+                continue
+            first_of[key] = i
+            idem.append((i, key))
+        tickets: list[Ticket | None] = [None] * len(items)
+        create: list[int] = [i for i in range(len(items)) if items[i].custom_id is None]
+        with store_errors(self.url):
+            if idem:
+                won = self._claim_ids(items, ids, idem, now)
+                create.extend(i for (i, _), ok in zip(idem, won, strict=True) if ok)
+                losers = [(i, key) for (i, key), ok in zip(idem, won, strict=True) if not ok]
+                if losers:
+                    self._resolve_duplicates(items, ids, losers, tickets, create, now)
+            outcomes = self._create(items, ids, sorted(create), lanes, now)
+        full: dict[str, list[int]] = {}
+        for i, code in outcomes:
+            if code == -1:
+                full.setdefault(lane_of(ids[i]), []).append(i)
+                continue
+            tickets[i] = Ticket(
+                id=ids[i],
+                custom_id=items[i].custom_id,
+                lane=lane_of(ids[i]),
+                deadline=items[i].deadline,
+                duplicate=False,
+            )
+        for i, j in alias.items():
+            first = tickets[j]
+            if first is not None:
+                tickets[i] = first.model_copy(update={"duplicate": True})
+        if full:
+            self._release_idempotency([(items[i], ids[i]) for ix in full.values() for i in ix])
+            lane = next(iter(full))
+            refused = set(full[lane]) | {i for i, j in alias.items() if j in full[lane]}
+            raise LaneFull(
+                lane,
+                lanes.lane(lane).max_queued,
+                accepted=[t for t in tickets if t is not None],
+                rejected=sorted(refused | {i for ix in full.values() for i in ix}),
+            )
+        log.debug("submitted", extra={"count": len(items)})
+        return [t for t in tickets if t is not None]
+
+    def _resolve_duplicates(
+        self,
+        items: Sequence[Prepared],
+        ids: list[str],
+        losers: list[tuple[int, str]],
+        tickets: list[Ticket | None],
+        create: list[int],
+        now: float,
+    ) -> None:
+        """Tickets of the first submitters, read back; take over ids whose creator died."""
+        pipe = self.redis.pipeline(transaction=False)
+        for _, key in losers:
+            pipe.get(key)
+        existing = pipe.execute()
+        pipe = self.redis.pipeline(transaction=False)
+        owners: list[tuple[int, str, float]] = []
+        for (i, _), raw in zip(losers, existing, strict=True):
+            if raw is None:
+                create.append(i)
+                continue
+            rid, _, when = decode(raw).partition("|")
+            owners.append((i, rid, float(when or 0)))
+            pipe.hget(self.keys.request(rid), "deadline")
+        for (i, rid, stamp), deadline in zip(owners, pipe.execute(), strict=True):
+            ids[i] = rid
+            if deadline is None and now - stamp > TAKEOVER_S:
+                create.append(i)
+                continue
+            tickets[i] = Ticket(
+                id=rid,
+                custom_id=items[i].custom_id,
+                lane=lane_of(rid),
+                deadline=float(deadline) if deadline is not None else items[i].deadline,
+                duplicate=True,
+            )
+
+    def _claim_ids(
+        self, items: Sequence[Prepared], ids: list[str], idem: list[tuple[int, str]], now: float
+    ) -> list[bool]:
+        """Reserve custom_ids, one script per tenant slot and chunk; True where this call won."""
+        by_tenant: dict[str, list[int]] = {}
+        for n, (i, _) in enumerate(idem):
+            by_tenant.setdefault(items[i].tenant, []).append(n)
+        pipe = self.redis.pipeline(transaction=False)
+        calls: list[list[int]] = []
+        for positions in by_tenant.values():
+            for start in range(0, len(positions), _SCRIPT_CHUNK):
+                chunk = positions[start : start + _SCRIPT_CHUNK]
+                rows = [
+                    [f"{ids[idem[n][0]]}|{now!r}", self._idem_ttl(items[idem[n][0]], now)]
+                    for n in chunk
+                ]
+                self.scripts["claim_ids"](
+                    keys=[idem[n][1] for n in chunk], args=[dumps(rows)], client=pipe
+                )
+                calls.append(chunk)
+        won = [False] * len(idem)
+        for chunk, out in zip(calls, pipe.execute(), strict=True):
+            for n, code in zip(chunk, out, strict=True):
+                won[n] = code == 1
+        return won
+
+    def _idem_ttl(self, item: Prepared, now: float) -> int:
+        return int(max(item.deadline - now, 0) + self.result_ttl_s + 3600)
+
+    def _create(
+        self,
+        items: Sequence[Prepared],
+        ids: list[str],
+        order: list[int],
+        lanes: ServiceConfig,
+        now: float,
+    ) -> list[tuple[int, int]]:
+        """Create requests, one script per lane and chunk: one fsync and one reply per chunk."""
+        by_lane: dict[str, list[int]] = {}
+        for i in order:
+            by_lane.setdefault(lane_of(ids[i]), []).append(i)
+        pipe = self.redis.pipeline(transaction=False)
+        calls: list[list[int]] = []
+        k = self.keys
+        for lane, members in by_lane.items():
+            cap = lanes.lane(lane).max_queued
+            prefix = k.request_prefix(lane)
+            for start in range(0, len(members), _SCRIPT_CHUNK):
+                chunk = members[start : start + _SCRIPT_CHUNK]
+                rows = []
+                for i in chunk:
+                    p = items[i]
+                    if p.lane != lane:
+                        p = p.model_copy(update={"lane": lane})
+                    rows.append(
+                        [
+                            ids[i],
+                            repr(p.deadline),
+                            p.tenant,
+                            p.custom_id or "",
+                            p.max_attempts,
+                            p.model_dump_json(),
+                        ]
+                    )
+                keys = [k.queue(lane), k.queue_age(lane), k.counts(lane)]
+                args = [cap, repr(now), State.QUEUED.value, prefix, dumps(rows)]
+                self.scripts["submit_many"](keys=keys, args=args, client=pipe)
+                calls.append(chunk)
+        out: list[tuple[int, int]] = []
+        for chunk, codes in zip(calls, pipe.execute(), strict=True):
+            out.extend((i, int(code)) for i, code in zip(chunk, codes, strict=True))
+        return out
+
+    def submit_one(
+        self, item: Prepared, lanes: ServiceConfig, *, now: float | None = None
+    ) -> Ticket:
+        """One request in one round trip (single Redis node): reserve the custom_id and create.
+
+        Falls back to ``submit_many`` for the rare cases that need more: a duplicate whose first
+        submitter died, or a Redis Cluster (the two keys live in different slots there).
+        """
+        if self.cluster:
+            return self.submit_many([item], lanes, now=now)[0]
+        now = time.time() if now is None else now
+        rid = new_request_id(item.lane, now)
+        k = self.keys
+        req = k.request(rid)
+        idem = k.idempotency(item.tenant, item.custom_id) if item.custom_id else req
+        with store_errors(self.url):
+            out = self.scripts["submit_one"](
+                keys=[idem, req, k.queue(item.lane), k.queue_age(item.lane), k.counts(item.lane)],
+                args=[
+                    rid,
+                    repr(item.deadline),
+                    item.model_dump_json(),
+                    lanes.lane(item.lane).max_queued,
+                    repr(now),
+                    item.tenant,
+                    item.custom_id or "",
+                    item.max_attempts,
+                    State.QUEUED.value,
+                    f"{rid}|{now!r}",
+                    self._idem_ttl(item, now),
+                ],
+            )
+        code = int(out[0])
+        if code == 1:
+            return Ticket(id=rid, custom_id=item.custom_id, lane=item.lane, deadline=item.deadline)
+        if code == -1:
+            raise LaneFull(item.lane, lanes.lane(item.lane).max_queued, rejected=[0])
+        return self.submit_many([item], lanes, now=now)[0]
+
+    def _release_idempotency(self, pairs: Iterable[tuple[Prepared, str]]) -> None:
+        """Free the custom_id of a request that was refused, but only if it still points at it."""
+        release = self.scripts["release_idempotency"]
+        with store_errors(self.url):
+            for p, rid in pairs:
+                if p.custom_id is not None:
+                    release(keys=[self.keys.idempotency(p.tenant, p.custom_id)], args=[rid])

@@ -1,0 +1,333 @@
+"""The batch route's engine steps, driven one by one: a real Redis, the real batch adapters
+against the sandbox on loopback, and a clock the test advances.
+
+Time the engine reads (flush waits, poll schedule, intent grace, hedge point) comes from the
+test's clock, so nothing waits for it; the sandbox runs its batches in real time, 20 times
+faster, so a batch finishes in a tenth of a second.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+
+from routing.decide.cost import parse_prices
+from routing.decide.options import RouteOptions
+from routing.engine import batch as engine
+from routing.engine.batch_handles import BatchHandles, BatchSettings, poll_delay_s
+from routing.engine.pricing import price
+from routing.models import Claimed, Request, Result, Route, ServiceConfig, prepare
+from routing.providers import BatchAdapter
+from routing.sandbox.server import SandboxServer
+from routing.states import State
+from routing.store.batches import BatchRecord, BatchRegistry, group_id
+from routing.store.lanes import LaneStore
+from routing.store.observations import ObservationStore
+from tasks.cli.demo import answer_ok
+from tests.test_batch_adapters import (
+    CAPS,
+    CHAT_MODEL,
+    CLAUDE,
+    ENDPOINT,
+    ROOT,
+    knobs,
+    make_adapter,
+    sandbox,
+)
+
+__all__ = ["sandbox"]
+
+SETTINGS = BatchSettings(
+    target_bytes=20 * 1024 * 1024,
+    max_wait_s=900.0,
+    flush_interval_s=2.0,
+    poll_interval_s=5.0,
+    poll_max_interval_s=60.0,
+    delete_files=True,
+)
+OPTIONS = RouteOptions(
+    batch_turnaround_s={"openai": 300.0, "anthropic": 300.0},
+    margin_s=60.0,
+    hedge_margin_s=80.0,
+    realtime_estimate_s=5.0,
+)
+#: A request waiting on a batch is hedged once its deadline is this close.
+HEDGE_POINT_S = OPTIONS.realtime_estimate_s + OPTIONS.hedge_margin_s
+PRICES = parse_prices((ROOT / "config" / "prices.toml").read_text())
+
+
+class Clock:
+    """The engine's clock: starts at the wall clock and moves only when the test says."""
+
+    def __init__(self) -> None:
+        self.now = time.time()
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> float:
+        self.now += seconds
+        return self.now
+
+
+class Crash(Exception):
+    """A worker dying at a chosen point."""
+
+
+@dataclass
+class BatchRoute:
+    """One test's batch route: its handles, clock, service config and deliveries sent."""
+
+    h: BatchHandles
+    clock: Clock
+    config: ServiceConfig
+    sandbox: SandboxServer
+    dispatched: list[str] = field(default_factory=list)
+
+    @property
+    def store(self) -> LaneStore:
+        return self.h.store
+
+    def submit(self, n: int, protocol: str = "openai", **fields: Any) -> list[str]:
+        """``n`` bulk requests of the protocol's endpoint, enqueued at the clock's time."""
+        endpoint = ENDPOINT[protocol]
+        items = [
+            prepare(Request(endpoint=endpoint, body=body(protocol, i), **fields), self.config, t)
+            for i, t in enumerate([self.clock()] * n)
+        ]
+        return [t.id for t in self.store.submit_many(items, self.config, now=self.clock())]
+
+    def claim(self, ids: list[str]) -> list[Claimed]:
+        lanes = {self.store.status(i).lane for i in ids}
+        found = [c for lane in lanes for c in self.store.claim(lane, 100, lease_s=600)]
+        assert {c.id for c in found} == set(ids)
+        return found
+
+    def staged(self, ids: list[str], protocol: str = "openai") -> str:
+        """Claim and stage ``ids``; returns their group."""
+        claimed = self.claim(ids)
+        assert engine.stage(self.h, claimed, protocol, self.clock()) == len(ids)
+        first = claimed[0].request
+        return group_id(protocol, first.endpoint.value, first.model)
+
+    def poll_until(self, done: Callable[[dict[str, int]], bool], timeout_s: float = 10) -> None:
+        """Poll, each time once the next look is due, until ``done`` says so."""
+        end = time.monotonic() + timeout_s
+        while time.monotonic() < end:
+            self.clock.advance(SETTINGS.poll_max_interval_s)
+            if done(engine.poll(self.h)):
+                return
+            time.sleep(0.05)
+        raise AssertionError("the batch never got there")
+
+    def states(self, ids: list[str]) -> set[State]:
+        return {self.store.status(i).state for i in ids}
+
+    def results(self, ids: list[str]) -> dict[str, Result]:
+        found = {i: self.store.result(i) for i in ids}
+        return {i: r for i, r in found.items() if r is not None}
+
+    def record(self) -> BatchRecord:
+        (key,) = self.h.registry.inflight()
+        return self.h.registry.get(key)
+
+
+def body(protocol: str, i: int) -> dict[str, Any]:
+    message = [{"role": "user", "content": f"question {i}?"}]
+    if protocol == "anthropic":
+        return {"model": CLAUDE, "max_tokens": 32, "messages": message}
+    return {"model": CHAT_MODEL, "messages": message}
+
+
+def adapters(sandbox: SandboxServer, **caps: Any) -> dict[str, BatchAdapter]:
+    """The real batch adapters of both protocols, pointed at the sandbox."""
+    return {
+        protocol: make_adapter(protocol, base, CAPS[protocol].model_copy(update=caps))
+        for protocol, base in (
+            ("openai", sandbox.openai_base_url),
+            ("anthropic", sandbox.anthropic_base_url),
+        )
+    }
+
+
+@pytest.fixture
+def route(
+    store: LaneStore, namespace: str, service_config: ServiceConfig, sandbox: SandboxServer
+) -> Iterator[BatchRoute]:
+    sandbox.configure(**knobs())
+    sandbox.reset()
+    clock = Clock()
+    dispatched: list[str] = []
+    made = adapters(sandbox)
+    h = BatchHandles(
+        store=store,
+        registry=BatchRegistry(store.redis, namespace=namespace, url=store.url),
+        adapter=made.__getitem__,
+        observations=ObservationStore(store.redis, namespace=namespace, url=store.url),
+        options=lambda _now: OPTIONS,
+        price=functools.partial(price, PRICES),
+        dispatch=dispatched.extend,
+        settings=SETTINGS,
+        clock=clock,
+    )
+    yield BatchRoute(h, clock, service_config, sandbox, dispatched)
+    for adapter in made.values():
+        adapter.close()
+
+
+# -- the whole cycle -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("protocol", ["openai", "anthropic"])
+def test_stage_flush_submit_poll_collect(route: BatchRoute, protocol: str) -> None:
+    ids = route.submit(6, protocol, lane="bulk")
+    gid = route.staged(ids, protocol)
+    assert route.states(ids) == {State.SUBMITTED}
+
+    assert engine.groups_due(route.h) == [], "plenty of slack and far from the target size"
+    route.clock.advance(SETTINGS.max_wait_s)
+    ((group, why),) = engine.groups_due(route.h)
+    assert (group.gid, group.count) == (gid, 6) and why.startswith("max_wait")
+
+    assert engine.submit(route.h, gid) == 1
+    assert engine.submit(route.h, gid) == 0, "the group was taken whole"
+    record = route.record()
+    assert record.state == "submitted" and record.batch_id and record.lines == 6
+    assert engine.poll(route.h)["polled"] == 0, "the first look is not due yet"
+
+    route.poll_until(lambda report: report["collected"] == 1)
+    results = route.results(ids)
+    for i, rid in enumerate(ids):
+        assert answer_ok(ENDPOINT[protocol], body(protocol, i), results[rid]), rid
+        assert results[rid].route is Route.BATCH and results[rid].cost_usd is not None
+    assert route.states(ids) == {State.DELIVERED}, "no callback: the result store is the sink"
+    assert route.h.registry.inflight() == []
+    assert route.sandbox.stats()["batches"]["created"][protocol] == 1
+
+
+def test_a_tight_deadline_flushes_at_once(route: BatchRoute) -> None:
+    ids = route.submit(2, lane="bulk", deadline=route.clock() + 200)
+    route.staged(ids)
+    ((_, why),) = engine.groups_due(route.h)
+    assert why.startswith("deadline")
+
+
+def test_polls_back_off_to_the_max_interval() -> None:
+    delays = [poll_delay_s(SETTINGS, polls) for polls in range(1, 12)]
+    assert delays[:3] == pytest.approx([7.5, 11.25, 16.875])
+    assert delays == sorted(delays) and delays[-1] == SETTINGS.poll_max_interval_s
+
+
+def test_refused_create_fails_the_requests_with_the_reason(route: BatchRoute) -> None:
+    refusing = adapters(route.sandbox, models=("another-model",))
+    h = dataclasses.replace(route.h, adapter=refusing.__getitem__)
+    ids = route.submit(3, lane="bulk")
+    gid = route.staged(ids)
+    assert engine.submit(h, gid) == 0
+    for adapter in refusing.values():
+        adapter.close()
+    for result in route.results(ids).values():
+        assert result.status is State.FAILED and result.error is not None
+        assert result.error.code == "batch_rejected" and "does not serve" in result.error.message
+    assert sorted(route.dispatched) == sorted(ids)
+    assert route.h.registry.inflight() == [] and route.h.registry.stale_intents(1e12) == []
+
+
+def test_invalid_line_fails_alone_and_the_others_go_back(route: BatchRoute) -> None:
+    ids = route.submit(3, lane="bulk")
+    bad = prepare(
+        Request(endpoint=ENDPOINT["openai"], body={"model": CHAT_MODEL}, lane="bulk"),
+        route.config,
+        route.clock(),
+    )
+    [ticket] = route.store.submit_many([bad], route.config, now=route.clock())
+    gid = route.staged([*ids, ticket.id])
+    assert engine.submit(route.h, gid) == 1
+    route.poll_until(lambda report: report["collected"] == 1)
+    result = route.store.result(ticket.id)
+    assert result is not None and result.status is State.FAILED
+    assert result.error is not None and "messages" in result.error.message
+    assert route.states(ids) == {State.QUEUED}, "resubmitted: back in their lane"
+
+
+# -- a crash between steps -----------------------------------------------------------------------
+
+
+class CrashAfterCreate(BatchRegistry):
+    """Dies after the provider's create returned, before its id is recorded."""
+
+    def record_submitted(self, *args: Any, **kwargs: Any) -> None:
+        raise Crash("after create")
+
+
+class CrashBeforeCreate(BatchRegistry):
+    """Dies right after the intent is recorded, before anything is sent."""
+
+    def record_intent(self, record: BatchRecord) -> None:
+        super().record_intent(record)
+        raise Crash("after intent")
+
+
+def crashing(h: BatchHandles, kind: type[BatchRegistry], **changes: Any) -> BatchHandles:
+    """``h`` with a registry that dies at ``kind``'s point (and any other handle changed)."""
+    registry = kind(h.store.redis, namespace=h.store.keys.ns, url=h.store.url)
+    return dataclasses.replace(h, registry=registry, **changes)
+
+
+@pytest.mark.parametrize("protocol", ["openai", "anthropic"])
+def test_intent_left_after_create_adopts_the_batch(route: BatchRoute, protocol: str) -> None:
+    ids = route.submit(5, protocol, lane="bulk")
+    gid = route.staged(ids, protocol)
+    with pytest.raises(Crash):
+        engine.submit(crashing(route.h, CrashAfterCreate), gid)
+    assert route.sandbox.stats()["batches"]["created"][protocol] == 1
+    assert engine.poll(route.h)["adopted"] == 0, "within the grace an intent may still finish"
+
+    route.clock.advance(engine.INTENT_GRACE_S + 1)
+    assert engine.poll(route.h)["adopted"] == 1
+    route.poll_until(lambda report: report["collected"] == 1)
+    assert route.states(ids) == {State.DELIVERED}
+    assert route.sandbox.stats()["batches"]["created"][protocol] == 1, "never sent twice"
+
+
+def test_intent_never_created_goes_back_to_the_lanes(route: BatchRoute) -> None:
+    ids = route.submit(4, lane="bulk")
+    gid = route.staged(ids)
+    with pytest.raises(Crash):
+        engine.submit(crashing(route.h, CrashBeforeCreate), gid)
+    route.clock.advance(engine.INTENT_GRACE_S + 1)
+    assert engine.poll(route.h)["requeued_intents"] == 1
+    assert route.states(ids) == {State.QUEUED}
+    assert route.sandbox.stats()["batches"]["created"]["openai"] == 0
+
+
+# -- hedging -------------------------------------------------------------------------------------
+
+
+def test_late_batch_is_hedged_at_the_hedge_point_and_cancelled(route: BatchRoute) -> None:
+    route.sandbox.configure(**knobs(batch_stuck_finalizing=True))
+    deadline = route.clock() + 1000
+    ids = route.submit(4, lane="bulk", deadline=deadline)
+    gid = route.staged(ids)
+    assert engine.submit(route.h, gid) == 1
+
+    route.clock.advance(SETTINGS.poll_interval_s)
+    report = engine.poll(route.h)
+    assert (report["polled"], report["hedged"]) == (1, 0)
+    assert route.states(ids) == {State.SUBMITTED}
+
+    route.clock.now = deadline - HEDGE_POINT_S + 1
+    assert engine.poll(route.h)["hedged"] == 4
+    for rid in ids:
+        status = route.store.status(rid)
+        assert status.state is State.QUEUED and status.error is not None
+        assert status.error.code == "hedged"
+    assert route.h.registry.inflight() == [], "nobody waits on it any more: dropped"
+    calls = route.sandbox.stats()["calls_by_endpoint"]
+    assert sum(n for path, n in calls.items() if path.endswith("/cancel")) == 1
