@@ -6,7 +6,8 @@ the message's ``argsrepr`` for most of them, but
 
 * a producer that calls ``send_task("mixbatch.enqueue", args=[request])`` without an
   ``argsrepr`` gets Celery's default, the ``repr`` of the request: its body, in every log line
-  and in Flower;
+  and in Flower (``routing.contrib.common.send_enqueue`` sends the summary instead, so the
+  broker's headers and the producer's own ``task-sent`` event never carry it either);
 * ``inspect reserved`` and ``inspect scheduled`` (Flower's worker page calls both) ignore
   ``safe=True`` and send the raw arguments, lease tokens included.
 
@@ -24,12 +25,12 @@ from typing import Any
 from celery import Task
 from celery.worker.request import Request
 
+from routing.contrib.common import ENQUEUE_TASK, request_summary
+
 __all__ = ["MixbatchTask", "RedactedRequest", "is_readable", "summarize"]
 
 #: ``key=value`` pairs of ids, counts, lanes, batch ids and reasons; no Python structure reprs
 _READABLE = re.compile(r"^\w+=[^\[\]{}'\"]*$")
-#: fields of an enqueued request that say which request it is, never what it asks
-_REQUEST_FIELDS = ("lane", "tenant", "custom_id", "endpoint", "model")
 
 
 def is_readable(text: str | None) -> bool:
@@ -38,11 +39,10 @@ def is_readable(text: str | None) -> bool:
 
 
 def summarize(name: str, args: Sequence[Any]) -> str:
-    """A ``key=value`` stand-in for arguments whose repr would show their content."""
-    if name == "mixbatch.enqueue" and args and isinstance(args[0], Mapping):
-        request = args[0]
-        parts = [f"{k}={request[k]}" for k in _REQUEST_FIELDS if isinstance(request.get(k), str)]
-        return " ".join(parts) if parts else "request=hidden"
+    """A ``key=value`` stand-in for arguments whose repr would show their content: for an
+    enqueued request the same summary a producer's ``send_enqueue`` sends."""
+    if name == ENQUEUE_TASK and args and isinstance(args[0], Mapping):
+        return request_summary(args[0])
     return f"args=hidden n={len(args)}"
 
 

@@ -17,8 +17,10 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from routing.decide.lanes import parse_lanes
 from routing.errors import ConfigError
 from routing.models import LaneSpec, ServiceConfig
+from routing.sinks import SinkTable, get_sink_settings, load_sinks
 
 DEFAULT_LANES_FILE = Path(__file__).with_name("lanes.toml")
+DEFAULT_SINKS_FILE = Path(__file__).with_name("sinks.toml")
 
 
 class Settings(BaseSettings):
@@ -30,6 +32,7 @@ class Settings(BaseSettings):
     data_dir: Path = Field(default=Path(".mixbatch"), description="embedded Redis data, beat state")
     namespace: str = Field(default="mb", description="prefix of every Redis key")
     lanes_file: Path = Field(default=DEFAULT_LANES_FILE, description="the lanes table (TOML)")
+    sinks_file: Path = Field(default=DEFAULT_SINKS_FILE, description="the named sinks (TOML)")
     embedded_fsync: Literal["always", "everysec"] = "always"
 
     result_ttl_s: int = Field(default=7 * 86400, gt=0, description="how long results are kept")
@@ -49,6 +52,9 @@ class Settings(BaseSettings):
     realtime_chunk: int = Field(default=8, gt=0, description="requests per realtime task")
     realtime_concurrency: int = Field(default=16, gt=0, description="per provider and model")
     realtime_timeout_s: float = Field(default=60.0, gt=0)
+    realtime_budget_s: float = Field(
+        default=120.0, gt=0, description="one request's semaphore wait and every try, together"
+    )
     realtime_max_tries: int = Field(default=4, ge=1)
     retry_base_s: float = Field(default=0.5, gt=0)
     retry_cap_s: float = Field(default=30.0, gt=0)
@@ -83,6 +89,12 @@ class Settings(BaseSettings):
     batch_flush_interval_s: float = Field(default=2.0, gt=0)
     batch_poll_interval_s: float = Field(default=5.0, gt=0)
     batch_poll_max_interval_s: float = Field(default=60.0, gt=0)
+    batch_intent_grace_s: float = Field(
+        default=60.0, gt=0, description="a take or intent not beaten this long is reconciled"
+    )
+    batch_collect_lease_s: float = Field(
+        default=300.0, gt=0, description="one collector's hold on a finished batch"
+    )
     batch_delete_files: bool = Field(
         default=False, description="delete provider files after collection"
     )
@@ -129,9 +141,13 @@ class Settings(BaseSettings):
             ) from None
         return parse_lanes(text, source=str(self.lanes_file))
 
+    def sink_table(self) -> SinkTable:
+        return load_sinks(self.sinks_file, settings=get_sink_settings(), namespace=self.namespace)
+
     def service_config(self) -> ServiceConfig:
         return ServiceConfig(
             lanes=self.lanes(),
+            sinks=self.sink_table().names(),
             max_body_bytes=self.max_body_bytes,
             default_max_attempts=self.default_max_attempts,
         )

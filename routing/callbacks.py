@@ -1,27 +1,51 @@
-"""Callbacks: where a finished request's answer is written back, as a producer names it.
+"""Callbacks: where a finished request's answer goes, as a producer names it.
 
-Each kind is validated here, at the producer's boundary, so a bad callback is refused at submit
-with an error that names ``callback.<field>``; the sinks in ``routing.sinks`` deliver them.
+Two shapes, validated here at the producer's boundary, so a bad callback is refused at submit
+with an error naming ``callback.<field>``:
+
+    {"sink": "crm"}                                  a sink the service registered by name
+    {"kind": "celery", "task": "app.save", "queue": "app.answers"}
+                                                     a Celery task of the caller's
+
+A producer never names a URL, a host, a file or a credential: webhook, SQL and stream targets
+live in the service's sinks table (``config/sinks.toml``, ``routing.sinks.table``), so the
+service alone decides what it connects to and holds the secrets. Celery callbacks stay inline
+because they carry no credentials (the service sends them on its own broker); a task or queue in
+mixbatch's or Celery's own namespace is refused, so a producer cannot make the service send a
+result to one of the service's own tasks.
 """
 
 from __future__ import annotations
 
 import re
 from typing import Annotated, Any, Literal
-from urllib.parse import urlsplit
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
 from pydantic_core import PydanticCustomError
 
+__all__ = [
+    "CALLBACK_SHAPES",
+    "SINKS_FILE",
+    "SINK_NAME",
+    "CallbackSpec",
+    "CeleryCallback",
+    "RequestCallback",
+    "RetiredCallback",
+    "SinkCallback",
+    "check_sink_name",
+    "reserved_celery_name",
+]
 
-class CeleryCallback(BaseModel):
-    """Send the result to a Celery task of the caller's, by name, on the caller's queue."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    kind: Literal["celery"] = "celery"
-    task: str = Field(min_length=1)
-    queue: str | None = None
+#: Where a service keeps its named sinks, for messages (``MIXBATCH_SINKS_FILE`` overrides it).
+SINKS_FILE = "config/sinks.toml (or the file MIXBATCH_SINKS_FILE names)"
+#: A sink's name: what a producer writes in ``{"sink": NAME}`` and the table's ``[sinks.NAME]``.
+SINK_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
+SINK_NAME_RULE = "1-64 characters of a-z, 0-9, '-' or '_', starting with a letter or digit"
+#: A Celery task or queue name: printable, no spaces (no CR/LF reaches the broker or a log).
+_CELERY_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.:@-]{0,199}$")
+CALLBACK_SHAPES = '{"sink": NAME} or {"kind": "celery", "task": ..., "queue": ...}'
+#: Kinds that were inline callbacks before named sinks.
+_RETIRED_KINDS = ("webhook", "sql", "stream")
 
 
 def _invalid(reason: str, kind: str = "invalid_callback") -> PydanticCustomError:
@@ -29,154 +53,161 @@ def _invalid(reason: str, kind: str = "invalid_callback") -> PydanticCustomError
     return PydanticCustomError(kind, "{reason}", {"reason": reason})
 
 
-class WebhookCallback(BaseModel):
-    """POST the result as signed JSON to the caller's URL.
+def reserved_celery_name(name: str) -> str | None:
+    """Why ``name`` (a task or a queue) belongs to mixbatch or Celery itself, or None.
 
-    The signing secret is not part of the request: it comes from the service's settings, per
-    tenant (``MIXBATCH_WEBHOOK_SECRETS``), so a producer cannot choose the key a receiver trusts.
-    Only the scheme is checked here; the address is checked when delivering, because DNS can
-    change between submit and delivery and only the service knows its allow-list.
+    ``mixbatch.*`` holds the service's tasks and queues; ``celery``, ``celery.*``,
+    ``celeryev.*``, ``celery@...`` and ``*.pidbox`` are Celery's default queue, its built-in
+    tasks and its event and control queues.
+    """
+    low = name.lower()
+    if low == "mixbatch" or low.startswith("mixbatch."):
+        return "mixbatch's own namespace (mixbatch.*)"
+    if low == "celery" or low.startswith(("celery.", "celeryev", "celery@")):
+        return "Celery's own namespace (celery, celery.*)"
+    if low.endswith(".pidbox"):
+        return "Celery's control queues (*.pidbox)"
+    return None
+
+
+def _celery_name(value: str, what: str) -> str:
+    if not _CELERY_NAME.fullmatch(value):
+        raise _invalid(
+            f"{value!r} is not a Celery {what} name: 1-200 characters of letters, digits, "
+            "'_', '.', ':', '@' or '-'"
+        )
+    reserved = reserved_celery_name(value)
+    if reserved is not None:
+        raise _invalid(f"{what} {value!r} is in {reserved}; name a {what} of your own app")
+    return value
+
+
+class CeleryCallback(BaseModel):
+    """Send the result to a Celery task of the caller's, by name, on the caller's queue."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    kind: Literal["celery"] = "celery"
+    task: str = Field(min_length=1)
+    queue: str | None = None
+
+    @field_validator("task")
+    @classmethod
+    def _task(cls, v: str) -> str:
+        return _celery_name(v, "task")
+
+    @field_validator("queue")
+    @classmethod
+    def _queue(cls, v: str | None) -> str | None:
+        return None if v is None else _celery_name(v, "queue")
+
+
+def check_sink_name(name: str) -> str:
+    """``name`` if it follows the sink name rule, else ``ValueError`` saying the rule."""
+    if not SINK_NAME.fullmatch(name):
+        raise ValueError(f"{name!r} is not a sink name: {SINK_NAME_RULE}")
+    return name
+
+
+class SinkCallback(BaseModel):
+    """Deliver to the sink the service registered under ``sink`` (a webhook, table or stream).
+
+    Only the name's spelling is checked here. Whether the service has that sink is checked at
+    submit against the names it publishes (``ServiceConfig.sinks``), and again by the worker
+    at delivery, which alone reads the table.
     """
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", frozen=True)
 
-    kind: Literal["webhook"] = "webhook"
-    url: str = Field(min_length=1, max_length=2048)
+    #: Not written out: the stored and documented shape is ``{"sink": NAME}``.
+    kind: Literal["sink"] = Field(default="sink", exclude=True)
+    sink: str
 
-    @field_validator("url")
+    @field_validator("sink")
     @classmethod
-    def _http_only(cls, v: str) -> str:
+    def _name(cls, v: str) -> str:
+        if not SINK_NAME.fullmatch(v):
+            raise _invalid(f"{v!r} is not a sink name: {SINK_NAME_RULE}")
+        return v
+
+
+class RetiredCallback(BaseModel):
+    """A stored callback that is no longer accepted (an inline webhook, SQL or stream target,
+    or a task in a reserved namespace, stored by an older version).
+
+    Reading such a request must not fail, so it is kept as it was written; delivering it is
+    refused with ``reason``, and it waits in the dead letters with its result readable by id.
+    """
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    kind: str = "unknown"
+
+    @property
+    def reason(self) -> str:
         try:
-            parts = urlsplit(v)
-            host = parts.hostname
-        except ValueError:
-            raise _invalid(f"{v!r} is not a URL") from None
-        if parts.scheme.lower() not in ("http", "https"):
-            raise _invalid(
-                f"scheme {parts.scheme or '(none)'!r} is not allowed; a webhook is http or https"
-            )
-        if not host:
-            raise _invalid(f"{v!r} has no host")
-        return v
-
-
-#: SQLAlchemy URL schemes the SQL sink upserts into (``ON CONFLICT`` on both).
-SQL_DIALECTS = ("sqlite", "postgresql")
-_SQL_URL = re.compile(r"^(?P<dialect>[a-z][a-z0-9]*)(?:\+[a-z0-9_]+)?://", re.IGNORECASE)
-_SQL_TABLE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
-
-
-class SqlCallback(BaseModel):
-    """Upsert the result, keyed by request id, into a table of the caller's database.
-
-    ``url`` is a SQLAlchemy URL; ``table`` defaults to the service's ``MIXBATCH_SQL_TABLE``. The
-    table's columns are documented in ``routing.sinks.sql``.
-    """
-
-    model_config = ConfigDict(extra="forbid")
-
-    kind: Literal["sql"] = "sql"
-    url: str = Field(min_length=1, max_length=2048)
-    table: str | None = None
-
-    @field_validator("url")
-    @classmethod
-    def _known_dialect(cls, v: str) -> str:
-        match = _SQL_URL.match(v)
-        dialect = match.group("dialect").lower() if match else None
-        if dialect not in SQL_DIALECTS:
-            raise _invalid(
-                "must be a SQLAlchemy URL of one of: "
-                + ", ".join(f"{d}://..." for d in SQL_DIALECTS)
-                + " (e.g. sqlite:///results.db, postgresql+psycopg://user@host/db)"
-            )
-        return v
-
-    @field_validator("table")
-    @classmethod
-    def _identifier(cls, v: str | None) -> str | None:
-        if v is not None and not _SQL_TABLE.match(v):
-            raise _invalid(
-                f"{v!r} must be 1-63 characters of letters, digits or '_', not starting with a digit"
-            )
-        return v
-
-
-class StreamCallback(BaseModel):
-    """XADD the result to a Redis stream, trimmed to about ``maxlen`` entries.
-
-    ``redis_url`` defaults to the service's own Redis; ``maxlen`` to ``MIXBATCH_STREAM_MAXLEN``.
-    """
-
-    model_config = ConfigDict(extra="forbid")
-
-    kind: Literal["stream"] = "stream"
-    key: str = Field(min_length=1, max_length=512)
-    maxlen: int | None = Field(default=None, ge=1, le=100_000_000)
-    redis_url: str | None = Field(default=None, max_length=2048)
-
-    @field_validator("key")
-    @classmethod
-    def _whole_hash_tag(cls, v: str) -> str:
-        """Braces must form a cluster hash tag, so the sink's marker key can share its slot."""
-        start = v.find("{")
-        end = v.find("}", start + 1) if start != -1 else -1
-        if ("{" in v or "}" in v) and not end > start + 1:
-            raise _invalid(
-                f"{v!r}: braces in a stream key must form a Redis Cluster hash tag, e.g. "
-                "'{tenant}:results'"
-            )
-        return v
-
-    @field_validator("redis_url")
-    @classmethod
-    def _redis_scheme(cls, v: str | None) -> str | None:
-        if v is not None and urlsplit(v).scheme.lower() not in ("redis", "rediss", "unix"):
-            raise _invalid("must be a redis://, rediss:// or unix:// URL")
-        return v
-
-
-_CALLBACKS: dict[str, type[BaseModel]] = {
-    "celery": CeleryCallback,
-    "webhook": WebhookCallback,
-    "sql": SqlCallback,
-    "stream": StreamCallback,
-}
-#: The sinks a callback can name in ``kind``.
-SINK_KINDS = tuple(_CALLBACKS)
+            _producer_callback(self.model_dump())
+        except ValidationError as exc:
+            return str(exc.errors()[0]["msg"])
+        except PydanticCustomError as exc:
+            return exc.message()
+        return "no longer accepted"
 
 
 class _CallbackKind(BaseModel):
-    """Validates ``kind`` alone, so an unknown sink is reported at ``callback.kind``."""
+    """Validates ``kind`` alone, so a wrong kind is reported at ``callback.kind``."""
 
     kind: Any = Field(default=None, validate_default=True)
 
     @field_validator("kind", mode="before")
     @classmethod
     def _known(cls, v: Any) -> Any:
-        if not isinstance(v, str) or v not in _CALLBACKS:
-            what = "missing: name a sink" if v is None else f"unknown sink {v!r}"
-            raise _invalid(f"{what} (known sinks: {', '.join(SINK_KINDS)})", "unknown_sink")
-        return v
+        if v == "celery":
+            return v
+        if v in _RETIRED_KINDS:
+            raise _invalid(
+                f"inline {v} callbacks are no longer accepted: the service holds targets and "
+                f"their credentials now. Register the {v} target as a named sink in the "
+                f'service\'s {SINKS_FILE} and send {{"sink": NAME}}',
+                "retired_callback",
+            )
+        what = "missing" if v is None else f"unknown callback kind {v!r}"
+        raise _invalid(f"{what}: a callback is {CALLBACK_SHAPES}", "unknown_sink")
 
 
-def _validate_callback(value: Any) -> Any:
-    """Report errors at ``callback.kind`` or ``callback.url``, not at pydantic's tagged path.
+def _producer_callback(value: Any) -> Any:
+    """Report errors at ``callback.kind``, ``callback.sink`` or ``callback.task``.
 
-    A dict is validated against the model its ``kind`` names, so errors carry that model's own
-    field names (``callback.url``, not ``callback.webhook.url``); the discriminated union then
+    A dict is validated against the model its shape names, so errors carry that model's own
+    field names (``callback.task``, not ``callback.CeleryCallback.task``); the union then
     takes the model instance as it is.
     """
     if not isinstance(value, dict):
         return value
-    kind = _CallbackKind.model_validate({"kind": value.get("kind")}).kind
-    return _CALLBACKS[kind].model_validate(value)
+    if "sink" in value:
+        return SinkCallback.model_validate(value)
+    _CallbackKind.model_validate({"kind": value.get("kind")})
+    return CeleryCallback.model_validate(value)
 
+
+def _stored_callback(value: Any) -> Any:
+    """What the store kept: today's shapes as they are, anything older as ``RetiredCallback``."""
+    if not isinstance(value, dict):
+        return value
+    try:
+        return _producer_callback(value)
+    except ValidationError:
+        return RetiredCallback.model_validate(value)
+
+
+RequestCallback = Annotated[
+    CeleryCallback | SinkCallback,
+    BeforeValidator(_producer_callback),
+]
+"""A callback as a producer submits it (``Request.callback``): strict."""
 
 CallbackSpec = Annotated[
-    Annotated[
-        CeleryCallback | WebhookCallback | SqlCallback | StreamCallback,
-        Field(discriminator="kind"),
-    ],
-    BeforeValidator(_validate_callback),
+    CeleryCallback | SinkCallback | RetiredCallback,
+    BeforeValidator(_stored_callback),
 ]
+"""A callback as the store keeps it (``Prepared.callback``) and delivery reads it."""

@@ -15,6 +15,8 @@ from Redis, where the service publishes it, so a producer needs no copy of the s
     )
     answer = mb.result(ticket.id, timeout=3600)
     print(answer.status, answer.body)
+
+``AsyncClient`` (``routing.async_client``) is the same surface for asyncio code, awaited.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from routing.callbacks import CeleryCallback
 from routing.errors import (
@@ -56,7 +58,11 @@ from routing.states import State
 from routing.store.base import redact_url
 from routing.store.lanes import LaneStore
 
+if TYPE_CHECKING:
+    from routing.async_client import AsyncClient
+
 __all__ = [
+    "AsyncClient",
     "BodyTooLarge",
     "CeleryCallback",
     "Client",
@@ -83,6 +89,15 @@ __all__ = [
 _CONFIG_TTL_S = 30.0
 
 
+def __getattr__(name: str) -> Any:
+    """``AsyncClient``, imported on first use: it builds on this module."""
+    if name == "AsyncClient":
+        from routing.async_client import AsyncClient
+
+        return AsyncClient
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 def default_redis_url() -> str:
     """``MIXBATCH_REDIS_URL``, else the embedded Redis that ``mixbatch up`` started here."""
     url = os.environ.get("MIXBATCH_REDIS_URL")
@@ -100,8 +115,45 @@ def default_redis_url() -> str:
     )
 
 
-class Client:
-    """A producer's handle on mixbatch. Thread-safe; one per process is plenty."""
+def no_lanes_table(url: str, namespace: str, client: str) -> ConfigError:
+    """The error of a client that finds no lanes table: the service never ran there."""
+    return ConfigError(
+        f"no lanes table in Redis at {redact_url(url)} under namespace {namespace!r}: start "
+        "the service (`mixbatch up`) once, check MIXBATCH_NAMESPACE matches it, or pass "
+        f"`config=` to {client}"
+    )
+
+
+def as_request(item: Request | dict[str, Any], tenant: str) -> Request:
+    """``item`` as a ``Request``, in the client's ``tenant`` unless it names its own."""
+    if isinstance(item, dict) and "tenant" not in item:
+        item = {**item, "tenant": tenant}
+    req = coerce_request(item)
+    if "tenant" not in req.model_fields_set:
+        req = req.model_copy(update={"tenant": tenant})
+    return req
+
+
+def prepare_items(
+    items: Iterable[Request | dict[str, Any]], config: ServiceConfig, tenant: str, now: float
+) -> list[Prepared]:
+    """Validate every item before any is written; the first bad one raises, naming its index.
+
+    Shared by ``Client`` and ``AsyncClient``: both accept exactly the same requests.
+    """
+    out: list[Prepared] = []
+    for i, item in enumerate(items):
+        try:
+            out.append(prepare(as_request(item, tenant), config, now))
+        except InvalidRequest as exc:
+            raise type(exc)(str(exc), field=f"items[{i}]") from None
+    return out
+
+
+class Producer:
+    """What ``Client`` and ``AsyncClient`` are built from: where the service's Redis is, the
+    namespace, the tenant requests are submitted as, and a lanes table given instead of the
+    published one. Each opens its own kind of connection in ``_connect`` (no round trip yet)."""
 
     def __init__(
         self,
@@ -112,17 +164,26 @@ class Client:
         config: ServiceConfig | None = None,
     ) -> None:
         self.redis_url = redis_url or default_redis_url()
+        self.namespace = namespace or os.environ.get("MIXBATCH_NAMESPACE", "mb")
         self.tenant = tenant
-        self.store = LaneStore.from_url(
-            self.redis_url, namespace=namespace or os.environ.get("MIXBATCH_NAMESPACE", "mb")
-        )
         self._fixed_config = config
+        self._connect()
+
+    def _connect(self) -> None:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({redact_url(self.redis_url)!r}, tenant={self.tenant!r})"
+
+
+class Client(Producer):
+    """A producer's handle on mixbatch. Thread-safe; one per process is plenty."""
+
+    def _connect(self) -> None:
+        self.store = LaneStore.from_url(self.redis_url, namespace=self.namespace)
         self._config: ServiceConfig | None = None
         self._config_at = 0.0
         self._lock = threading.Lock()
-
-    def __repr__(self) -> str:
-        return f"Client({redact_url(self.redis_url)!r}, tenant={self.tenant!r})"
 
     def __enter__(self) -> Client:
         return self
@@ -142,21 +203,12 @@ class Client:
             if self._config is None or time.monotonic() - self._config_at > _CONFIG_TTL_S:
                 loaded = self.store.load_config()
                 if loaded is None:
-                    raise ConfigError(
-                        f"no lanes table in Redis at {redact_url(self.redis_url)} under "
-                        f"namespace {self.store.keys.ns!r}: start the service (`mixbatch up`) "
-                        "once, check MIXBATCH_NAMESPACE matches it, or pass `config=` to Client"
-                    )
+                    raise no_lanes_table(self.redis_url, self.store.keys.ns, "Client")
                 self._config, self._config_at = loaded, time.monotonic()
             return self._config
 
     def _request(self, item: Request | dict[str, Any]) -> Request:
-        if isinstance(item, dict) and "tenant" not in item:
-            item = {**item, "tenant": self.tenant}
-        req = coerce_request(item)
-        if "tenant" not in req.model_fields_set:
-            req = req.model_copy(update={"tenant": self.tenant})
-        return req
+        return as_request(item, self.tenant)
 
     def submit(self, request: Request | dict[str, Any] | None = None, /, **fields: Any) -> Ticket:
         """Enqueue one request; durable once this returns. Fields as in ``Request``.
@@ -202,14 +254,7 @@ class Client:
 
     def prepare_many(self, items: Iterable[Request | dict[str, Any]]) -> list[Prepared]:
         """Validate without writing; raises on the first bad item, naming its index."""
-        config, now = self.config, time.time()
-        out: list[Prepared] = []
-        for i, item in enumerate(items):
-            try:
-                out.append(prepare(self._request(item), config, now))
-            except InvalidRequest as exc:
-                raise type(exc)(str(exc), field=f"items[{i}]") from None
-        return out
+        return prepare_items(items, self.config, self.tenant, time.time())
 
     def status(self, request_id: str) -> StatusInfo:
         return self.store.status(request_id)

@@ -17,9 +17,10 @@ from typing import Literal
 from routing.errors import InvalidRequest
 
 GroupPart = Literal["members", "tok", "size", "meta"]
-BatchIndex = Literal["groups", "windows", "intents", "inflight", "byid"]
+BatchIndex = Literal["groups", "windows", "intents", "inflight", "byid", "takes", "reaping"]
 ObsKind = Literal["b", "r", "g"]
 ObsHash = Literal["inflight", "headroom"]
+DeadLetterPart = Literal["at", "entries"]
 
 _CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
 _FROM_RFC4648 = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ234567", _CROCKFORD)
@@ -95,7 +96,19 @@ class Keys:
     def config(self) -> str:
         return f"{self.ns}:config"
 
-    def dead_letters(self) -> str:
+    def dead_letters(self, lane: str, part: DeadLetterPart = "at") -> str:
+        """A lane's dead letters: ``at`` (id by when it was given up on, a sorted set) and
+        ``entries`` (id -> the entry: lane, when, last error, as JSON)."""
+        key = f"{self.lane_tag(lane)}:dlq"
+        return key if part == "at" else f"{key}:{part}"
+
+    def dead_letter_lanes(self) -> str:
+        """The lanes that have had a dead letter: where ``mixbatch dlq list`` looks."""
+        return f"{self.ns}:dlq:lanes"
+
+    def legacy_dead_letters(self) -> str:
+        """Where versions before per-lane dead letters kept them all (id -> entry); the sweeper
+        moves what it finds there into the lanes."""
         return f"{self.ns}:dlq"
 
     def semaphore(self, provider: str, model: str) -> str:
@@ -124,9 +137,14 @@ class Keys:
         """One batch's record."""
         return f"{self.ns}:{{batches}}:b:{key}"
 
+    def batch_take(self, take_id: str) -> str:
+        """The members one flusher took from a group and has not yet put in an intent."""
+        return f"{self.ns}:{{batches}}:take:{take_id}"
+
     def batches(self, index: BatchIndex) -> str:
         """The registry's indexes: pending ``groups``, submit ``windows`` by group, ``intents``
-        (recorded before create), ``inflight`` (by next poll), ``byid`` (provider id -> key)."""
+        (recorded before create), ``inflight`` (by next poll), ``byid`` (provider id -> key),
+        ``takes`` and ``reaping`` (takes and intents by their worker's or reconciler's beat)."""
         return f"{self.ns}:{{batches}}:{index}"
 
     # -- observations: every key under the one tag ``{obs}`` --------------------------------

@@ -23,7 +23,7 @@ from pydantic import (
 )
 from pydantic_core import to_json
 
-from routing.callbacks import CallbackSpec
+from routing.callbacks import CallbackSpec, RequestCallback, SinkCallback
 from routing.decide.tables import first_error
 from routing.errors import (
     BodyTooLarge,
@@ -110,6 +110,8 @@ class ServiceConfig(BaseModel):
     lanes: tuple[LaneSpec, ...]
     max_body_bytes: int = 1_000_000
     default_max_attempts: int = 3
+    #: The names of the service's sinks (``config/sinks.toml``), for ``{"sink": NAME}``.
+    sinks: tuple[str, ...] = ()
 
     def lane(self, name: str) -> LaneSpec:
         for spec in self.lanes:
@@ -135,7 +137,7 @@ class Request(BaseModel):
     model: str | None = None
     body: dict[str, Any]
     metadata: dict[str, str] = Field(default_factory=dict)
-    callback: CallbackSpec | None = None
+    callback: RequestCallback | None = None
     max_attempts: int | None = Field(default=None, ge=1, le=100)
 
     @field_validator("tenant")
@@ -264,6 +266,13 @@ def prepare(req: Request, config: ServiceConfig, now: float) -> Prepared:
             f"{size} bytes (body and metadata) is over the cap of {config.max_body_bytes} "
             "(MIXBATCH_MAX_BODY_BYTES)",
             field="body",
+        )
+    if isinstance(req.callback, SinkCallback) and req.callback.sink not in config.sinks:
+        known = ", ".join(config.sinks) or "none"
+        raise InvalidRequest(
+            f"the service has no sink {req.callback.sink!r} (its sinks: {known}; "
+            "they are registered in its config/sinks.toml)",
+            field="callback.sink",
         )
     deadline = resolve_deadline(req.deadline, now, lane.deadline_s)
     if deadline <= now:

@@ -10,6 +10,7 @@ from config.settings import get_settings
 from routing.engine.aggregate import chunks, lane_ranks, route_claimed
 from routing.models import Claimed, Route
 from tasks.batch import stage
+from tasks.deliver import dispatch
 from tasks.explain import learned_options, record_decisions
 from tasks.gpu import gpu_batch
 from tasks.realtime import realtime
@@ -34,7 +35,10 @@ def aggregate() -> dict[str, int]:
         if room <= 0:
             break
         claimed = st.claim_lanes(lanes, min(room, s.claim_batch), lease_s=s.lease_s)
+        dispatch(claimed.failed)  # stored requests that could not be read: failed, delivered
         if not claimed:
+            if claimed.failed:
+                continue
             break
         now = time.time()
         chosen, groups = route_claimed(claimed, now, learned_options(now))

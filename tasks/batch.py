@@ -27,6 +27,8 @@ def handles() -> BatchHandles:
         poll_interval_s=s.batch_poll_interval_s,
         poll_max_interval_s=s.batch_poll_max_interval_s,
         delete_files=s.batch_delete_files,
+        intent_grace_s=s.batch_intent_grace_s,
+        collect_lease_s=s.batch_collect_lease_s,
         submit_windows=tuple(w for spec in service_config().lanes for w in spec.submit_windows),
     )
     return BatchHandles(
@@ -65,5 +67,5 @@ def batch_submit(gid: str) -> dict[str, int]:
 
 @app.task(name="mixbatch.batch_poll", acks_late=False, ignore_result=True)
 def batch_poll() -> dict[str, int]:
-    """Reconcile lost intents, then poll every batch whose next look is due."""
+    """Reconcile what dead workers left (takes, intents), then poll every batch that is due."""
     return engine.poll(handles())

@@ -32,13 +32,14 @@ def dispatch(request_ids: Iterable[str]) -> None:
 
 
 def _deliver(request_ids: list[str]) -> dict[str, str]:
-    s = get_settings()
+    s, sinks = get_settings(), sink_context()
     outcomes = run_deliveries(
         store(),
         request_ids,
-        sinks=lambda spec: sink_for(spec, sink_context()),
+        sinks=lambda spec: sink_for(spec, sinks),
         max_attempts=s.delivery_max_attempts,
-        lease_s=s.delivery_lease_s,
+        # each attempt starts with half a lease left: room for a webhook's whole deadline
+        lease_s=max(s.delivery_lease_s, 3 * sinks.settings.webhook_timeout_s),
         now=time.time(),
     )
     for rid, outcome in outcomes.items():

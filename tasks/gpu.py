@@ -11,6 +11,7 @@ import logging
 import threading
 import time
 from collections.abc import Sequence
+from functools import partial
 from typing import TYPE_CHECKING
 
 from celery import signals
@@ -69,12 +70,10 @@ def _heartbeat() -> None:
 
 @app.task(name="mixbatch.gpu_batch", acks_late=True, ignore_result=True)
 def gpu_batch(items: list[list[str]]) -> dict[str, int]:
-    """Answer one micro-batch of claimed requests on the local model."""
+    """Answer one micro-batch of claimed requests on the local model, leases renewed meanwhile."""
     st, lease_s = store(), get_settings().lease_s
     started = start_claimed(st, items, route=Route.GPU, lease_s=lease_s, now=time.time())
-    if not started:
-        return {"done": 0}
-    outcome = run_local(st, started, lambda items: answer(local_models(), items), time.time)
+    outcome = run_local(st, started, partial(answer, local_models()), time.time, lease_s=lease_s)
     dispatch(outcome.finished)
     report(observations(), local_models())
     return {"done": len(outcome.finished), "requeued": outcome.requeued}

@@ -15,7 +15,8 @@ from tasks.runtime import adapter, observations, prices, retry_policy, store
 
 @app.task(name="mixbatch.realtime", acks_late=True, ignore_result=True)
 def realtime(provider: str, items: list[list[str]]) -> dict[str, int]:
-    """Start each claimed request (refused if its lease was lost), then run them concurrently."""
+    """Start each claimed request (refused if its lease was lost), then run them concurrently
+    within one budget each, their leases renewed while they run."""
     s = get_settings()
     rt = Realtime(
         store=store(),
@@ -28,7 +29,11 @@ def realtime(provider: str, items: list[list[str]]) -> dict[str, int]:
         rt.store, items, route=Route.REALTIME, lease_s=s.lease_s, now=time.time()
     )
     finished = run_all(
-        rt, started, budget_s=max(s.lease_s * 0.75, 1.0), concurrency=s.realtime_concurrency
+        rt,
+        started,
+        budget_s=s.realtime_budget_s,
+        lease_s=s.lease_s,
+        concurrency=s.realtime_concurrency,
     )
     dispatch(finished)
     return {"done": len(finished)}

@@ -18,6 +18,7 @@ from celery import signals
 
 from config import app
 from config.providers import batch_turnarounds, capability, check_accounts, provider_account
+from config.queues import GPU_QUEUE, SERVICE_QUEUES
 from config.settings import Settings, get_settings
 from gpu_worker.config import served_models
 from routing.decide.backoff import RetryPolicy
@@ -167,8 +168,14 @@ def sink_context() -> SinkContext:
 
     def build() -> SinkContext:
         st = store()
+        s = get_settings()
         return SinkContext(
-            get_sink_settings(), redis=st.redis, namespace=st.keys.ns, celery_app=app
+            get_sink_settings(),
+            sinks=s.sink_table(),
+            redis=st.redis,
+            namespace=st.keys.ns,
+            celery_app=app,
+            reserved_queues=(*SERVICE_QUEUES, GPU_QUEUE),
         )
 
     return _once("sink_context", build, closes=True)
@@ -227,13 +234,15 @@ def _after_fork(**_: object) -> None:
 
 @signals.worker_init.connect
 def _check_accounts(**_: object) -> None:
-    """Refuse to start without the keys of the configured accounts (the error names the variable).
+    """Refuse to start without the keys of the configured accounts (the error names the variable),
+    or with a mistake in the sinks table (the error names its file and line).
 
     Celery logs and swallows exceptions from signal handlers, so the worker is stopped with
     ``SystemExit`` after the error is logged.
     """
     try:
         check_accounts(get_settings())
+        get_settings().sink_table()
     except ConfigError as exc:
         logging.getLogger(__name__).critical("cannot start: %s", exc)
         raise SystemExit(2) from None

@@ -1,5 +1,6 @@
-"""``mixbatch.sweep`` (beat, every 10 s): reclaim expired leases, apply deadline policy, and
-re-send deliveries whose message was lost. This is what makes a lost Celery message harmless."""
+"""``mixbatch.sweep`` (beat, every 10 s): reclaim expired leases, apply deadline policy,
+re-send deliveries whose message was lost, and forget index entries and dead letters whose
+results expired. This is what makes a lost Celery message harmless, and Redis bounded."""
 
 from __future__ import annotations
 

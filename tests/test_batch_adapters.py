@@ -38,6 +38,7 @@ from routing.providers import (
     batch_adapter_for,
     load_providers,
 )
+from routing.providers.batch_jobs import OrphanSearch
 from routing.sandbox import Knobs, expected_reply, response_text
 from routing.sandbox.server import SandboxServer
 from tests.test_planner import claimed, jsonl_of, lookup_of, plan
@@ -55,7 +56,7 @@ SCALE = 20.0
 
 def knobs(**changes: Any) -> dict[str, Any]:
     """The sandbox's knobs for these tests: time 20 times faster, with ``changes``."""
-    return Knobs(time_scale=SCALE, batch_turnaround_s=2.0, **changes).model_dump()
+    return Knobs(**{"time_scale": SCALE, "batch_turnaround_s": 2.0, **changes}).model_dump()
 
 
 @pytest.fixture(scope="module")
@@ -355,40 +356,72 @@ def test_list_follows_pages(
     assert sandbox.stats()["calls_by_endpoint"][list_path] == creates_and_pages + 1
 
 
-def test_openai_orphan_is_found_by_metadata(
+def decoy_file(tmp_path: Path, protocol: str, count: int) -> Path:
+    """A batch file of ``count`` lines whose custom_ids are not ours."""
+    lines = [LINE[protocol](i, custom_id=f"someone-else-{i}") for i in range(count)]
+    return write_jsonl(tmp_path / "decoy.jsonl", lines)
+
+
+def test_openai_orphan_needs_our_tag_and_our_custom_ids(
     sandbox: SandboxServer, adapters: Callable[..., BatchAdapter], tmp_path: Path
 ) -> None:
+    """A batch of the same size carrying our tag (a copy, a reused key) is older, so it would
+    be taken first by a match on the tag alone; its custom_ids are not ours."""
     adapter = adapters("openai")
-    path = batch_file(tmp_path, "openai", 2)
     since = sandbox.state.clock.now()
-    first = create(adapter, path, metadata={"mixbatch_plan": "p1"})
-    second = create(adapter, path, metadata={"mixbatch_plan": "p2"})
-    create(adapter, path)
-    found = adapter.find_orphan(("mixbatch_plan", "p2"), created_after=since, total=2)
-    assert found is not None and found.batch_id == second.batch_id
-    found = adapter.find_orphan(("mixbatch_plan", "p1"), created_after=since, total=99)
-    assert found is not None and found.batch_id == first.batch_id
-    assert adapter.find_orphan(("mixbatch_plan", "p3"), created_after=since, total=2) is None
+    tag = ("mixbatch_plan", "p1")
+    decoy = create(adapter, decoy_file(tmp_path, "openai", 2), metadata=dict([tag]))
+    time.sleep(0.1)  # two sandbox seconds: the decoy is the older one
+    ours = create(adapter, batch_file(tmp_path, "openai", 2), metadata=dict([tag]))
+    create(adapter, batch_file(tmp_path, "openai", 2), metadata={"mixbatch_plan": "p2"})
+    mine = {"req-0", "req-1"}
+    search = adapter.find_orphan(tag, custom_ids=mine, created_after=since)
+    assert search.found is not None and search.found.batch_id == ours.batch_id
+    assert search.undecided == []
+    theirs = {"someone-else-0", "someone-else-1"}
+    search = adapter.find_orphan(tag, custom_ids=theirs, created_after=since)
+    assert search.found is not None and search.found.batch_id == decoy.batch_id
+    for wanted in ({"req-0"}, {"req-0", "req-1", "req-2"}):
+        assert adapter.find_orphan(tag, custom_ids=wanted, created_after=since).found is None
+    assert adapter.find_orphan(("mixbatch_plan", "p3"), custom_ids=mine, created_after=since) == (
+        OrphanSearch()
+    )
     later = sandbox.state.clock.now() + 3600
-    assert adapter.find_orphan(("mixbatch_plan", "p2"), created_after=later, total=2) is None
+    assert adapter.find_orphan(tag, custom_ids=mine, created_after=later).found is None
+    excluded = adapter.find_orphan(
+        tag, custom_ids=mine, created_after=since, exclude={ours.batch_id}
+    )
+    assert excluded == OrphanSearch()
 
 
-def test_anthropic_orphan_is_matched_by_count(
+def test_anthropic_orphan_is_matched_by_its_custom_ids_once_it_ended(
     sandbox: SandboxServer, adapters: Callable[..., BatchAdapter], tmp_path: Path
 ) -> None:
+    """Message batches carry no metadata and show their custom_ids only in their results: a
+    running batch of the right size is undecided, never adopted on its size alone."""
+    sandbox.configure(**knobs(batch_turnaround_s=60.0))
     adapter = adapters("anthropic")
     since = sandbox.state.clock.now()
-    three = create(adapter, batch_file(tmp_path, "anthropic", 3, "a.jsonl"))
-    four = create(adapter, batch_file(tmp_path, "anthropic", 4, "b.jsonl"))
-    found = adapter.find_orphan(("mixbatch_plan", "ignored"), created_after=since, total=4)
-    assert found is not None and found.batch_id == four.batch_id
-    found = adapter.find_orphan(("k", "v"), created_after=since, total=3)
-    assert found is not None and found.batch_id == three.batch_id
-    assert (
-        adapter.find_orphan(("k", "v"), created_after=since, total=3, exclude={three.batch_id})
-        is None
+    decoy = create(adapter, decoy_file(tmp_path, "anthropic", 3))
+    ours = create(adapter, batch_file(tmp_path, "anthropic", 3))
+    create(adapter, batch_file(tmp_path, "anthropic", 4, "four.jsonl"))
+    mine = {"req-0", "req-1", "req-2"}
+    running = adapter.find_orphan(("k", "v"), custom_ids=mine, created_after=since)
+    assert running.found is None
+    assert sorted(running.undecided) == sorted([decoy.batch_id, ours.batch_id])
+
+    for job in (decoy, ours):
+        wait_terminal(adapter, job.batch_id)
+    search = adapter.find_orphan(("k", "v"), custom_ids=mine, created_after=since)
+    assert search == OrphanSearch(found=search.found)
+    assert search.found is not None and search.found.batch_id == ours.batch_id
+    theirs = {"someone-else-0", "someone-else-1", "someone-else-2"}
+    search = adapter.find_orphan(("k", "v"), custom_ids=theirs, created_after=since)
+    assert search.found is not None and search.found.batch_id == decoy.batch_id
+    excluded = adapter.find_orphan(
+        ("k", "v"), custom_ids=mine, created_after=since, exclude={ours.batch_id}
     )
-    assert adapter.find_orphan(("k", "v"), created_after=since, total=5) is None
+    assert excluded == OrphanSearch(), "the decoy of the same size is not taken for ours"
 
 
 @pytest.mark.parametrize("protocol", ["openai", "anthropic"])

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -23,7 +25,7 @@ from routing.engine import batch as engine
 from routing.engine.batch_handles import BatchHandles, BatchSettings, poll_delay_s
 from routing.engine.pricing import price
 from routing.models import Claimed, Request, Result, Route, ServiceConfig, prepare
-from routing.providers import BatchAdapter
+from routing.providers import BatchAdapter, BatchJob
 from routing.sandbox.server import SandboxServer
 from routing.states import State
 from routing.store.batches import BatchRecord, BatchRegistry, group_id
@@ -36,10 +38,13 @@ from tests.test_batch_adapters import (
     CLAUDE,
     ENDPOINT,
     ROOT,
+    decoy_file,
     knobs,
     make_adapter,
     sandbox,
+    wait_terminal,
 )
+from tests.test_batch_adapters import create as create_batch
 
 __all__ = ["sandbox"]
 
@@ -262,15 +267,15 @@ def test_invalid_line_fails_alone_and_the_others_go_back(route: BatchRoute) -> N
 class CrashAfterCreate(BatchRegistry):
     """Dies after the provider's create returned, before its id is recorded."""
 
-    def record_submitted(self, *args: Any, **kwargs: Any) -> None:
+    def record_submitted(self, *args: Any, **kwargs: Any) -> bool:
         raise Crash("after create")
 
 
 class CrashBeforeCreate(BatchRegistry):
     """Dies right after the intent is recorded, before anything is sent."""
 
-    def record_intent(self, record: BatchRecord) -> None:
-        super().record_intent(record)
+    def record_intent(self, record: BatchRecord, take_id: str = "") -> bool:
+        super().record_intent(record, take_id)
         raise Crash("after intent")
 
 
@@ -280,8 +285,20 @@ def crashing(h: BatchHandles, kind: type[BatchRegistry], **changes: Any) -> Batc
     return dataclasses.replace(h, registry=registry, **changes)
 
 
+def reconcile_until(route: BatchRoute, what: str, timeout_s: float = 10) -> None:
+    """Poll once per grace until the report counts ``what`` (a batch must end to be read)."""
+    end = time.monotonic() + timeout_s
+    while time.monotonic() < end:
+        route.clock.advance(SETTINGS.intent_grace_s + 1)
+        if engine.poll(route.h)[what]:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"no {what} within {timeout_s} s")
+
+
 @pytest.mark.parametrize("protocol", ["openai", "anthropic"])
 def test_intent_left_after_create_adopts_the_batch(route: BatchRoute, protocol: str) -> None:
+    route.sandbox.configure(**knobs(batch_turnaround_s=60.0))
     ids = route.submit(5, protocol, lane="bulk")
     gid = route.staged(ids, protocol)
     with pytest.raises(Crash):
@@ -289,11 +306,44 @@ def test_intent_left_after_create_adopts_the_batch(route: BatchRoute, protocol: 
     assert route.sandbox.stats()["batches"]["created"][protocol] == 1
     assert engine.poll(route.h)["adopted"] == 0, "within the grace an intent may still finish"
 
-    route.clock.advance(engine.INTENT_GRACE_S + 1)
-    assert engine.poll(route.h)["adopted"] == 1
+    route.clock.advance(SETTINGS.intent_grace_s + 1)
+    report = engine.poll(route.h)
+    if protocol == "anthropic":
+        assert (report["adopted"], report["undecided_intents"]) == (0, 1), (
+            "a message batch shows its custom_ids only once it ended: wait, requeue nothing"
+        )
+        assert route.states(ids) == {State.SUBMITTED}
+        reconcile_until(route, "adopted")
+    else:
+        assert report["adopted"] == 1, "its input file shows our custom_ids at once"
     route.poll_until(lambda report: report["collected"] == 1)
     assert route.states(ids) == {State.DELIVERED}
-    assert route.sandbox.stats()["batches"]["created"][protocol] == 1, "never sent twice"
+    stats = route.sandbox.stats()["batches"]
+    assert stats["created"][protocol] == 1 and stats["custom_ids_resent"] == 0, "never sent twice"
+
+
+@pytest.mark.parametrize("protocol", ["openai", "anthropic"])
+def test_a_decoy_of_the_same_size_is_not_adopted(
+    route: BatchRoute, protocol: str, tmp_path: Path
+) -> None:
+    """The intent's batch was never created; a batch of the same size (OpenAI: even with our
+    tag) exists. Its custom_ids are not ours: the requests go back to their lanes."""
+    ids = route.submit(4, protocol, lane="bulk")
+    gid = route.staged(ids, protocol)
+    with pytest.raises(Crash):
+        engine.submit(crashing(route.h, CrashBeforeCreate), gid)
+    (key,) = route.h.registry.stale_intents(math.inf)
+    adapter = route.h.adapter(protocol)
+    tag = {engine.METADATA_KEY: key} if protocol == "openai" else None
+    decoy = create_batch(adapter, decoy_file(tmp_path, protocol, 4), metadata=tag)
+    wait_terminal(adapter, decoy.batch_id)
+
+    route.clock.advance(SETTINGS.intent_grace_s + 1)
+    report = engine.poll(route.h)
+    assert (report["adopted"], report["requeued_intents"]) == (0, 1)
+    assert route.states(ids) == {State.QUEUED}
+    assert route.h.registry.get(key).state == "failed"
+    assert route.sandbox.stats()["batches"]["created"][protocol] == 1, "the decoy alone"
 
 
 def test_intent_never_created_goes_back_to_the_lanes(route: BatchRoute) -> None:
@@ -301,10 +351,70 @@ def test_intent_never_created_goes_back_to_the_lanes(route: BatchRoute) -> None:
     gid = route.staged(ids)
     with pytest.raises(Crash):
         engine.submit(crashing(route.h, CrashBeforeCreate), gid)
-    route.clock.advance(engine.INTENT_GRACE_S + 1)
+    route.clock.advance(SETTINGS.intent_grace_s + 1)
     assert engine.poll(route.h)["requeued_intents"] == 1
     assert route.states(ids) == {State.QUEUED}
     assert route.sandbox.stats()["batches"]["created"]["openai"] == 0
+    assert route.h.registry.counts() == {"inflight": 0, "intents": 0, "takes": 0, "reaping": 0}
+
+
+def test_a_worker_taken_for_dead_cannot_record_over_its_reconciler(route: BatchRoute) -> None:
+    """Once the poller reaped an intent, only it decides the batch's fate: a late worker's
+    record is refused (it then cancels what it made), the reconciler's is kept."""
+    registry = route.h.registry
+    ids = route.submit(2, lane="bulk")
+    gid = route.staged(ids)
+    with pytest.raises(Crash):
+        engine.submit(crashing(route.h, CrashBeforeCreate), gid)
+    (key,) = registry.stale_intents(math.inf)
+    record = registry.get(key)
+    now = route.clock.advance(SETTINGS.intent_grace_s + 1)
+    stale = now - SETTINGS.intent_grace_s
+    assert registry.reap("intent", key, stale, now)
+    assert not registry.reap("intent", key, stale, now), "one reconciler at a time"
+    assert not registry.record_submitted(record, "batch_late", now, now, by="worker")
+    assert registry.record_submitted(record, "batch_adopted", now, now, by="reaper")
+    assert registry.get(key).batch_id == "batch_adopted"
+    assert not registry.abandon(record, now, "never created"), "already settled"
+
+
+# -- one collector, fenced writes ----------------------------------------------------------------
+
+
+def test_one_collector_at_a_time(route: BatchRoute) -> None:
+    ids = route.submit(2, lane="bulk")
+    assert engine.submit(route.h, route.staged(ids)) == 1
+    key = route.record().key
+    registry = route.h.registry
+    due = route.clock() + SETTINGS.poll_interval_s
+    assert registry.claim_collect(key, 300, due)
+    assert not registry.claim_collect(key, 300, due + 1), "the first collector holds it"
+    assert not registry.claim_collect(key, 300, due), "even at the same instant"
+    assert registry.claim_collect(key, 300, due + 301), "its lease ran out"
+
+
+def test_a_poll_never_overwrites_a_record_written_since_it_read_it(
+    route: BatchRoute, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    route.sandbox.configure(**knobs(batch_stuck_finalizing=True))
+    ids = route.submit(3, lane="bulk")
+    assert engine.submit(route.h, route.staged(ids)) == 1
+    key = route.record().key
+    adapter = route.h.adapter("openai")
+    retrieve = adapter.retrieve
+
+    def closed_meanwhile(batch_id: str) -> BatchJob:
+        job = retrieve(batch_id)  # another worker closes the batch while this poll looks
+        registry = route.h.registry
+        registry.finish(registry.get(key), "cancelled", route.clock(), note="closed elsewhere")
+        return job
+
+    monkeypatch.setattr(adapter, "retrieve", closed_meanwhile)
+    route.clock.advance(SETTINGS.poll_interval_s)
+    assert engine.poll(route.h)["polled"] == 1
+    after = route.h.registry.get(key)
+    assert (after.state, after.note, after.polls) == ("cancelled", "closed elsewhere", 0)
+    assert route.h.registry.inflight() == []
 
 
 # -- hedging -------------------------------------------------------------------------------------

@@ -124,7 +124,9 @@ def test_two_redbeat_beats_fire_each_entry_once_and_fail_over(stack: LocalStack)
     assert "Acquired lock" not in (stack.log_dir / "beat-b.log").read_text()
 
     # The holder dies without releasing the lock: the standby fires once the lock times out.
-    os.killpg(stack.procs.pop("beat-a").pid, signal.SIGKILL)
+    holder = stack.procs.pop("beat-a")
+    os.killpg(holder.pid, signal.SIGKILL)
+    holder.wait(timeout=10)
     waited = firings.until_next(LOCK_TIMEOUT_S + 10)
     assert waited <= LOCK_TIMEOUT_S + 3, f"took {waited:.1f}s to take over"
     assert "Acquired lock" in (stack.log_dir / "beat-b.log").read_text()

@@ -8,6 +8,7 @@ runs as a real subprocess and is spoken to with the official openai SDK.
 from __future__ import annotations
 
 import json
+import os
 import signal
 import socket
 import subprocess
@@ -33,7 +34,21 @@ from tasks.cli.output import EXAMPLES
 
 ROOT = Path(__file__).resolve().parent.parent
 LANES = ("urgent", "standard", "bulk")
-COMMANDS = ("submit", "status", "results", "lanes", "costs", "explain", "sandbox", "demo", "up")
+COMMANDS = (
+    "submit",
+    "estimate",
+    "status",
+    "results",
+    "cancel",
+    "lanes",
+    "costs",
+    "explain",
+    "sandbox",
+    "demo",
+    "up",
+)
+#: Commands that run in the foreground until stopped and print logs: no --json, and say so.
+LONG_RUNNING = ("up", "sandbox", "metrics", "flower")
 SIX_HOURS_S = 6 * 3600.0
 
 Invoke = Callable[..., Result]
@@ -443,6 +458,70 @@ def test_unreachable_redis_exits_3_without_the_password(
     assert "***" in message
 
 
+# -- submit --callback ----------------------------------------------------------------------
+
+
+@pytest.fixture
+def sinks_file(tmp_path: Path) -> Path:
+    path = tmp_path / "sinks.toml"
+    path.write_text('[sinks.answers]\nkind = "stream"\nkey = "app:answers"\n')
+    return path
+
+
+@pytest.mark.parametrize(
+    ("spec", "stored"),
+    [
+        ("sink:answers", {"sink": "answers"}),
+        (
+            "celery:app.tasks.save_answer@answers",
+            {"kind": "celery", "task": "app.tasks.save_answer", "queue": "answers"},
+        ),
+        ("celery:app.tasks.save_answer", {"kind": "celery", "task": "app.tasks.save_answer"}),
+    ],
+    ids=["sink", "celery-with-queue", "celery"],
+)
+def test_submit_with_a_callback_stores_it_on_every_request(
+    invoke: Invoke,
+    store: LaneStore,
+    batch3: Path,
+    sinks_file: Path,
+    spec: str,
+    stored: dict[str, Any],
+) -> None:
+    env = {"MIXBATCH_SINKS_FILE": str(sinks_file)}
+    tickets = tickets_of(invoke("submit", str(batch3), "--callback", spec, "--json", env=env))
+    assert len(tickets) == 3
+    for ticket in tickets:
+        callback = store.prepared(ticket["id"]).callback
+        assert callback is not None
+        assert callback.model_dump(exclude_none=True) == stored
+
+
+@pytest.mark.parametrize(
+    ("spec", "fragments"),
+    [
+        ("webhook:https://example.com/x", ("--callback", "sink:NAME", "celery:TASK")),
+        ("sink:", ("--callback", "sink:NAME")),
+        ("celery:@q", ("--callback",)),
+        ("sink:nope", ("--callback", "'nope'", "answers")),
+        ("celery:mixbatch.deliver", ("--callback", "mixbatch")),
+    ],
+    ids=["unknown-kind", "no-sink-name", "no-task", "unknown-sink", "our-own-task"],
+)
+def test_submit_with_a_bad_callback_is_one_line_and_enqueues_nothing(
+    invoke: Invoke,
+    store: LaneStore,
+    batch3: Path,
+    sinks_file: Path,
+    spec: str,
+    fragments: tuple[str, ...],
+) -> None:
+    env = {"MIXBATCH_SINKS_FILE": str(sinks_file)}
+    result = invoke("submit", str(batch3), "--callback", spec, env=env)
+    assert_clean_error(result, 2, *fragments)
+    assert depths(store) == {"urgent": 0, "standard": 0, "bulk": 0}
+
+
 # -- status --------------------------------------------------------------------------------
 
 
@@ -655,6 +734,20 @@ def test_status_of_finished_requests(
     assert counts.get("queued", 0) == 0
 
 
+def test_results_json_is_one_document(
+    invoke: Invoke, finished: dict[str, Any], tmp_path: Path
+) -> None:
+    result = invoke("results", "--json")
+    assert result.exit_code == 0, result.output
+    check_output_lines(json.loads(result.stdout), finished)
+
+    out = tmp_path / "answers.jsonl"
+    summary = invoke("results", "--out", str(out), "--json")
+    assert summary.exit_code == 0, summary.output
+    assert json.loads(summary.stdout) == {"results": 2, "out": str(out)}
+    check_output_lines([json.loads(ln) for ln in out.read_text().splitlines()], finished)
+
+
 def test_results_unknown_lane(invoke: Invoke) -> None:
     assert_clean_error(invoke("results", "--lane", "nope"), 2, "'nope'")
 
@@ -686,6 +779,28 @@ def test_group_help_lists_every_command() -> None:
     assert set(COMMANDS) <= set(cli.commands)
     assert set(EXAMPLES) <= set(cli.commands)
     assert isinstance(cli, click.Group)
+
+
+def _commands(group: click.Group, prefix: str = "") -> Iterator[tuple[str, click.Command]]:
+    for name, command in group.commands.items():
+        if isinstance(command, click.Group):
+            yield from _commands(command, f"{prefix}{name} ")
+        else:
+            yield f"{prefix}{name}", command
+
+
+def test_every_command_that_prints_takes_json() -> None:
+    """CLI parity: every command has --json, except the long-running ones, whose help says
+    why (they print logs)."""
+    seen = dict(_commands(cli))
+    assert {"cancel", "estimate", "dlq replay", "dlq drop", "results", "demo"} <= set(seen)
+    for name, command in seen.items():
+        flags = {opt for p in command.params for opt in getattr(p, "opts", [])}
+        if name in LONG_RUNNING:
+            help_text = " ".join((command.help or "").split())
+            assert "long-running" in help_text, (name, help_text)
+            continue
+        assert "--json" in flags, f"`mixbatch {name}` has no --json"
 
 
 def test_up_without_a_procfile_is_a_config_error(invoke: Invoke, tmp_path: Path) -> None:
@@ -752,3 +867,24 @@ def test_sandbox_serves_the_openai_sdk(tmp_path: Path) -> None:
 def test_service_config_fixture_matches_the_default_lanes(service_config: ServiceConfig) -> None:
     """The CLI reads config/lanes.toml while the fixtures publish it: they must agree."""
     assert [s.name for s in service_config.by_priority()] == list(LANES)
+
+
+@pytest.mark.timeout(300)
+def test_demo_json_prints_the_summary_on_stdout(tmp_path: Path) -> None:
+    """The demo end to end (its own embedded Redis, sandbox, workers), its summary as JSON;
+    progress stays on stderr."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MIXBATCH_")}
+    env["MIXBATCH_DATA_DIR"] = str(tmp_path / ".mixbatch")
+    done = subprocess.run(
+        [sys.executable, "-m", "tasks.cli.main", "demo", "--requests", "6", "--json"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        timeout=280,
+    )
+    assert done.returncode == 0, (done.stdout.decode(), done.stderr.decode()[-3000:])
+    summary = json.loads(done.stdout)
+    assert summary["requests"] == 6 and summary["matched"] == 6 and summary["unfinished"] == 0
+    assert summary["sandbox"] is True
+    assert sum(row["requests"] for row in summary["rows"]) == 6
+    assert {row["lane"] for row in summary["rows"]} == set(LANES)

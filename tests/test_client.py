@@ -305,6 +305,7 @@ def test_a_closed_port_is_store_unavailable_without_the_password(
 
 def test_exported_members() -> None:
     assert routing.client.__all__ == [
+        "AsyncClient",
         "BodyTooLarge",
         "CeleryCallback",
         "Client",
@@ -346,9 +347,11 @@ def test_importing_the_client_pulls_in_no_service_code() -> None:
         "torch",
         "starlette",
         "uvicorn",
+        "openai",
+        "anthropic",
     }
     code = (
-        "import routing.client, sys; "
+        "import routing.client, routing.async_client, sys; "
         f"print(sorted(m for m in sys.modules if m.split('.')[0] in {sorted(forbidden)!r}))"
     )
     out = subprocess.run(

@@ -29,11 +29,13 @@ def example_env(tmp_path: Path) -> dict[str, str]:
     return env
 
 
-@pytest.mark.timeout(240)
-def test_django_example_suite_passes(tmp_path: Path) -> None:
+def run_example(
+    example: Path, tmp_path: Path, argv: list[str], passed: str = " passed", failed: str = "failed"
+) -> None:
+    """Run an example's own test suite in its own directory, as its users run it."""
     proc = subprocess.run(
-        [sys.executable, "manage.py", "test", "--noinput", "-v", "2"],
-        cwd=EXAMPLE,
+        argv,
+        cwd=example,
         env=example_env(tmp_path),
         capture_output=True,
         text=True,
@@ -41,4 +43,16 @@ def test_django_example_suite_passes(tmp_path: Path) -> None:
     )
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0, output[-6000:]
-    assert "OK" in output and "FAILED" not in output, output[-6000:]
+    assert passed in output and failed not in output, output[-6000:]
+
+
+def run_example_pytest(example: Path, tmp_path: Path) -> None:
+    """An example whose suite is pytest, with the example's own ``pytest.ini``."""
+    argv = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"]
+    run_example(example, tmp_path, [*argv, "--basetemp", str(tmp_path / "t")])
+
+
+@pytest.mark.timeout(240)
+def test_django_example_suite_passes(tmp_path: Path) -> None:
+    argv = [sys.executable, "manage.py", "test", "--noinput", "-v", "2"]
+    run_example(EXAMPLE, tmp_path, argv, passed="OK", failed="FAILED")

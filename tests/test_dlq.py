@@ -25,8 +25,9 @@ from tests.test_sinks_webhook import (
     Receiver,
     deliver_once,
     finished,
+    hook,
     serve_receiver,
-    sink_settings,
+    webhook_context,
 )
 
 
@@ -58,8 +59,9 @@ def receiver() -> Iterator[Receiver]:
 
 
 @pytest.fixture
-def context(store: LaneStore) -> Iterator[SinkContext]:
-    ctx = SinkContext(sink_settings(), redis=store.redis, namespace=store.keys.ns)
+def context(store: LaneStore, receiver: Receiver) -> Iterator[SinkContext]:
+    """The service's sinks: the named webhook sink ``hook()`` is the receiver."""
+    ctx = webhook_context(store, receiver.url)
     yield ctx
     ctx.close()
 
@@ -74,7 +76,7 @@ def dead(
 ) -> str:
     """A request whose webhook answered 410: dead-lettered on its first try."""
     receiver.answer(410)
-    rid = finished(store, config, now, {"kind": "webhook", "url": receiver.url})
+    rid = finished(store, config, now, hook())
     assert deliver_once(store, context, rid, now + 1).status == "dead letter"
     return rid
 

@@ -40,6 +40,7 @@ from routing.providers import ProviderAccount, RealtimeAdapter, adapter_for
 from routing.sandbox import Knobs
 from routing.sandbox.server import SandboxServer
 from routing.sinks import SinkContext, sink_for
+from routing.sinks.table import SinkTable, StreamTarget
 from routing.states import State
 from routing.store.lanes import LaneStore
 from routing.store.ledger import totals
@@ -167,7 +168,7 @@ def test_realtime_answer_is_stored_priced_counted_and_observed(
     rt: Realtime, work: Work, store: LaneStore, clock: Clock
 ) -> None:
     [c] = work.start(chat("ok"))
-    assert run_all(rt, [c], budget_s=10, concurrency=4) == [c.id]
+    assert run_all(rt, [c], budget_s=10, lease_s=60, concurrency=4) == [c.id]
     result = store.result(c.id)
     assert result is not None and result.status is State.DONE and result.route is Route.REALTIME
     assert result.body is not None and result.body["object"] == "chat.completion"
@@ -207,7 +208,7 @@ def test_a_4xx_fails_at_once_keeping_the_providers_error(
 ) -> None:
     sandbox.configure(fail_first=1, fail_first_status=400)
     [c] = work.start(chat("400"))
-    assert run_all(rt, [c], budget_s=10, concurrency=1) == [c.id]
+    assert run_all(rt, [c], budget_s=10, lease_s=60, concurrency=1) == [c.id]
     result = store.result(c.id)
     assert result is not None and result.status is State.FAILED
     assert result.error is not None and result.error.code == "ProviderError"
@@ -252,7 +253,7 @@ def test_local_answers_and_an_unknown_model_in_one_batch(
     bad = Request(endpoint="/v1/embeddings", body={"model": "no-such-model", "input": "hi"})
     items = work.start(good, bad, route=Route.GPU)
     assert warm(models) == [LOCAL_MODEL]
-    outcome = run_local(store, items, functools.partial(answer, models), clock.time)
+    outcome = run_local(store, items, functools.partial(answer, models), clock.time, lease_s=60)
     assert sorted(outcome.finished) == sorted(c.id for c in items) and outcome.requeued == 0
     by_model = {c.request.model: store.result(c.id) for c in items}
     ok, failed = by_model["all-MiniLM-L6-v2"], by_model["no-such-model"]
@@ -274,7 +275,7 @@ def test_a_local_5xx_goes_back_to_its_lane(work: Work, store: LaneStore, clock: 
 
     req = Request(endpoint="/v1/embeddings", body={"model": LOCAL_MODEL, "input": "x"})
     [c] = work.start(req, route=Route.GPU)
-    outcome = run_local(store, [c], out_of_memory, clock.time)
+    outcome = run_local(store, [c], out_of_memory, clock.time, lease_s=60)
     assert outcome.finished == [] and outcome.requeued == 1
     status = store.status(c.id)
     assert status.state is State.QUEUED
@@ -288,11 +289,16 @@ def test_deliveries_of_many_in_one_step(
     store: LaneStore, service_config: ServiceConfig, clock: Clock
 ) -> None:
     key = f"answers:{uuid.uuid4().hex[:8]}"
-    to_stream = finished(store, service_config, clock.now, {"kind": "stream", "key": key})
+    to_stream = finished(store, service_config, clock.now, {"sink": "answers"})
     no_callback = finished(store, service_config, clock.now, None)
-    held = finished(store, service_config, clock.now, {"kind": "stream", "key": key})
+    held = finished(store, service_config, clock.now, {"sink": "answers"})
     assert store.claim_delivery(held, lease_s=30, now=clock.now + 1) == 1  # another worker
-    context = SinkContext(sink_settings(), redis=store.redis, namespace=store.keys.ns)
+    context = SinkContext(
+        sink_settings(),
+        sinks=SinkTable([StreamTarget(name="answers", key=key)]),
+        redis=store.redis,
+        namespace=store.keys.ns,
+    )
     try:
         outcomes = run_deliveries(
             store,

@@ -5,8 +5,10 @@ sends ``mixbatch.enqueue`` with a plain ``send_task`` (whose default argsrepr is
 
 Flower is started the way the Procfile starts it (``mixbatch flower``), with basic auth, on a
 loopback port; beat and the sandbox provider come from ``tasks.cli.stack.LocalStack``. The worker is
-``celery -A config worker`` with the app's ``task_cls`` set to ``config.redaction.MixbatchTask``
-(a no-op once ``config/celery_app.py`` passes it itself, which the last test checks).
+the service's own app as ``config/celery_app.py`` builds it (its ``task_cls`` is
+``config.redaction.MixbatchTask``, which the last test checks), with nothing added here. A second
+producer sends with ``routing.contrib.common.send_enqueue`` and its own ``task-sent`` events on,
+so what Flower hears from the producer side is checked too.
 """
 
 from __future__ import annotations
@@ -27,8 +29,9 @@ import pytest
 from celery import Celery
 
 from config.celery_app import app
-from config.redaction import MixbatchTask, is_readable, summarize
+from config.redaction import MixbatchTask, RedactedRequest, is_readable, summarize
 from routing.client import Client
+from routing.contrib.common import send_enqueue
 from routing.decide.lanes import parse_lanes
 from routing.models import ServiceConfig
 from tasks.cli.stack import SANDBOX_KEY, LocalStack
@@ -38,7 +41,6 @@ MIXBATCH = str(Path(sys.executable).parent / "mixbatch")
 AUTH = ("ops", "flower-test-pw")
 WORKER = """
 from config.celery_app import app
-app.task_cls = "config.redaction:MixbatchTask"
 app.worker_main(["worker", "-Q", "mixbatch.control,mixbatch.realtime,mixbatch.deliver,mixbatch.batch",
                  "-c", "2", "-n", "worker@%h", "--without-gossip", "--without-mingle", "-l", "INFO"])
 """
@@ -144,6 +146,20 @@ def test_flower_lists_mixbatch_tasks_with_readable_args_and_no_request_text(
         queue="mixbatch.control",
     )
     producer.close()
+    # A producer that uses the helper, with its own task-sent events on: the event Flower hears
+    # from it carries the helper's summary, never the request.
+    helped = Celery("helped", broker=stack.url, set_as_current=False)
+    helped.conf.task_send_sent_event = True
+    send_enqueue(
+        helped,
+        {
+            "lane": "urgent",
+            "custom_id": "via-send-enqueue",
+            "endpoint": "/v1/embeddings",
+            "body": {"model": "text-embedding-3-small", "input": f"{marker} via send_enqueue"},
+        },
+    )
+    helped.close()
     items = [
         {
             "lane": "urgent",
@@ -167,9 +183,9 @@ def test_flower_lists_mixbatch_tasks_with_readable_args_and_no_request_text(
         assert got.status_code == 200, got.text
         data: dict[str, dict[str, Any]] = got.json()
         names = {t["name"] for t in data.values()}
-        return (
-            data if {"mixbatch.realtime", "mixbatch.aggregate", "mixbatch.enqueue"} <= names else {}
-        )
+        enqueued = [t for t in data.values() if t["name"] == "mixbatch.enqueue" and t["args"]]
+        wanted = {"mixbatch.realtime", "mixbatch.aggregate"} <= names and len(enqueued) == 2
+        return data if wanted else {}
 
     found = wait_until(tasks, 30, "the service's tasks in Flower")
     names = {t["name"] for t in found.values()}
@@ -177,8 +193,11 @@ def test_flower_lists_mixbatch_tasks_with_readable_args_and_no_request_text(
     for task in found.values():
         assert is_readable(task["args"]), (task["name"], task["args"])
         assert is_readable(task["kwargs"]), (task["name"], task["kwargs"])
-    [enqueued] = [t for t in found.values() if t["name"] == "mixbatch.enqueue"]
-    assert enqueued["args"] == "lane=urgent custom_id=via-send-task endpoint=/v1/embeddings"
+    enqueued = sorted(t["args"] for t in found.values() if t["name"] == "mixbatch.enqueue")
+    assert enqueued == [
+        "lane=urgent custom_id=via-send-enqueue endpoint=/v1/embeddings",
+        "lane=urgent custom_id=via-send-task endpoint=/v1/embeddings",
+    ]
     realtime = [t for t in found.values() if t["name"] == "mixbatch.realtime"]
     ids = {t.id for t in tickets}
     assert any(
@@ -238,9 +257,8 @@ def test_summarize_names_the_request_never_its_body() -> None:
     assert summarize("mixbatch.realtime", ["openai", [["id", "token"]]]) == "args=hidden n=2"
 
 
-@pytest.mark.skipif(
-    not issubclass(app.Task, MixbatchTask),
-    reason="config/celery_app.py does not pass task_cls='config.redaction:MixbatchTask' yet",
-)
 def test_the_service_app_redacts_task_arguments() -> None:
+    """Every task of the service's app is a ``MixbatchTask``: the worker above runs the app as it
+    is, so this is what keeps its arguments out of Flower and the log."""
     assert issubclass(app.Task, MixbatchTask)
+    assert app.Task.Request is RedactedRequest

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
-from routing.callbacks import CeleryCallback
+from routing.callbacks import CeleryCallback, RetiredCallback, SinkCallback
 from routing.errors import (
     BodyTooLarge,
     DeadlineInPast,
@@ -24,6 +24,7 @@ from routing.keys import Keys, lane_of, new_request_id, ulid
 from routing.models import (
     Endpoint,
     LaneSpec,
+    Prepared,
     Request,
     Result,
     ServiceConfig,
@@ -244,6 +245,32 @@ def test_prepare_keeps_the_rest(config: ServiceConfig) -> None:
     assert (prepared.callback.task, prepared.callback.queue) == ("app.tasks.save", "results")
 
 
+def test_a_sink_callback_names_a_sink_the_service_published(config: ServiceConfig) -> None:
+    """The producer checks the name against the sinks the service publishes with its config;
+    the callback holds the name and nothing else (no URL, no host, no credential)."""
+    item = req(callback={"sink": "crm"})
+    with pytest.raises(InvalidRequest) as info:
+        prepare(item, config, NOW)
+    assert info.value.field == "callback.sink"
+    assert "the service has no sink 'crm' (its sinks: none;" in str(info.value)
+    published = config.model_copy(update={"sinks": ("answers", "crm")})
+    prepared = prepare(item, published, NOW)
+    assert isinstance(prepared.callback, SinkCallback) and prepared.callback.sink == "crm"
+    assert prepared.model_dump(mode="json")["callback"] == {"sink": "crm"}
+
+
+def test_a_stored_callback_of_an_older_version_still_reads(config: ServiceConfig) -> None:
+    """What the store kept before named sinks parses (the delivery then refuses it, saying
+    why); only what a producer submits is strict."""
+    prepared = prepare(req(), config, NOW)
+    stored = prepared.model_dump(mode="json")
+    stored["callback"] = {"kind": "sql", "url": "sqlite:////tmp/x.db", "table": "t"}
+    again = Prepared.model_validate(stored)
+    assert isinstance(again.callback, RetiredCallback)
+    assert "inline sql callbacks are no longer accepted" in again.callback.reason
+    assert again.model_dump(mode="json")["callback"] == stored["callback"], "kept as written"
+
+
 def test_body_cap_counts_compact_json_bytes(config: ServiceConfig) -> None:
     # {"model":"m","input":"..."} is 24 bytes of framing: 276 characters of input fit exactly.
     assert prepare(req(body={"model": "m", "input": "x" * 276}), config, NOW)
@@ -262,6 +289,9 @@ def test_body_cap_counts_compact_json_bytes(config: ServiceConfig) -> None:
         ({"body": CHAT_BODY, "max_attempts": 0}, "max_attempts"),
         ({"body": CHAT_BODY, "custom_id": ""}, "custom_id"),
         ({"body": CHAT_BODY, "callback": {"kind": "carrier-pigeon"}}, "callback"),
+        ({"body": CHAT_BODY, "callback": {"kind": "webhook", "url": "https://x"}}, "callback"),
+        ({"body": CHAT_BODY, "callback": {"sink": "a b"}}, "callback"),
+        ({"body": CHAT_BODY, "callback": {"kind": "celery", "task": "mixbatch.x"}}, "callback"),
     ],
 )
 def test_coerce_request_names_the_field(item: dict[str, Any], field: str) -> None:
@@ -428,7 +458,10 @@ def test_idempotency_key_is_per_tenant_and_bounded() -> None:
         (lambda k: k.stream_marker("{t:a}:r", "s.1"), "ns:stream-once:{t:a}:{t:a}:r:s.1"),
         (lambda k: k.stream_marker("x}y{z}", "s.1"), "ns:stream-once:{z}:x}y{z}:s.1"),
         (lambda k: k.redbeat_prefix(), "ns:redbeat:"),
-        (lambda k: k.dead_letters(), "ns:dlq"),
+        (lambda k: k.legacy_dead_letters(), "ns:dlq"),
+        (lambda k: k.dead_letters("bulk"), "ns:{lane:bulk}:dlq"),
+        (lambda k: k.dead_letters("bulk", "entries"), "ns:{lane:bulk}:dlq:entries"),
+        (lambda k: k.dead_letter_lanes(), "ns:dlq:lanes"),
     ],
 )
 def test_keys_are_byte_identical_to_what_is_stored(build: Any, expected: str) -> None:

@@ -24,7 +24,7 @@ from pydantic import SecretStr
 from config.flower import flower_command
 from config.ops import OpsSettings, is_loopback, reset_ops_settings
 from config.settings import reset_settings
-from routing.models import Route, ServiceConfig
+from routing.models import ErrorInfo, Route, ServiceConfig
 from routing.states import State
 from routing.store.lanes import LaneStore
 from tasks.cli.main import cli
@@ -253,3 +253,32 @@ def _free_port() -> int:
         sock.bind(("127.0.0.1", 0))
         port: int = sock.getsockname()[1]
     return port
+
+
+# -- dlq --json --------------------------------------------------------------------------------
+
+
+def test_dlq_replay_and_drop_print_json(
+    invoke: Invoke, store: LaneStore, service_config: ServiceConfig
+) -> None:
+    """CLI parity: the dead-letter commands answer in JSON too."""
+    now = time.time()
+    ids = []
+    for _ in range(2):
+        rid = finish_one(store, service_config, "standard", Route.REALTIME, State.DONE, now)
+        store.claim_delivery(rid, lease_s=30, now=now + 1)
+        store.dlq.add(rid, ErrorInfo(code="gone", message="410 from the receiver"), now=now + 2)
+        ids.append(rid)
+
+    listed = invoke("dlq", "list", "--json")
+    assert listed.exit_code == 0, listed.output
+    assert sorted(e["id"] for e in json.loads(listed.stdout)) == sorted(ids)
+
+    replayed = invoke("dlq", "replay", ids[0], "--json")
+    assert replayed.exit_code == 0, replayed.output
+    assert json.loads(replayed.stdout) == {"replayed": [ids[0]], "expired": []}
+
+    dropped = invoke("dlq", "drop", ids[1], "--json")
+    assert dropped.exit_code == 0, dropped.output
+    assert json.loads(dropped.stdout) == {"dropped": ids[1]}
+    assert store.dlq.entries() == []

@@ -760,3 +760,17 @@ def test_admin_knobs_stats_and_reset(http: httpx.Client, srv: SandboxServer) -> 
     assert http.get(f"/v1/messages/batches/{created['id']}").status_code == 404
     assert srv.stats()["batches"]["created"] == {"openai": 0, "anthropic": 0}
     assert math.isclose(srv.knobs.time_scale, 1000.0)
+
+
+def test_stats_count_custom_ids_sent_in_more_than_one_batch(
+    http: httpx.Client, srv: SandboxServer
+) -> None:
+    """What the fault tests read to show no request was created twice."""
+    for requests in (ant_requests(2), ant_requests(3), ant_requests(1)):
+        reply = http.post(
+            "/v1/messages/batches", json={"requests": requests}, headers={"x-api-key": "k"}
+        )
+        assert reply.status_code == 200
+    assert srv.stats()["batches"]["custom_ids_resent"] == 2, "the first two ids, sent again"
+    http.post("/sandbox/reset")
+    assert srv.stats()["batches"]["custom_ids_resent"] == 0

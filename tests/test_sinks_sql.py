@@ -2,7 +2,9 @@
 
 PostgreSQL runs when ``MIXBATCH_TEST_POSTGRES_URL`` is set (a SQLAlchemy URL such as
 ``postgresql+psycopg://user:pass@127.0.0.1:5432/db``, the driver installed); without it the
-PostgreSQL cases are skipped with that reason on a laptop, and fail under ``CI=true``. Each case writes to a table of its own.
+PostgreSQL cases are skipped with that reason on a laptop, and fail under ``CI=true``. Each
+case writes to a table of its own. The sink is a named one (``SqlTarget``): its URL is read
+from the variable the table names, here ``APPDB_URL``.
 """
 
 from __future__ import annotations
@@ -19,18 +21,27 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
-from routing.callbacks import SqlCallback
-from routing.errors import InvalidRequest
-from routing.models import ErrorInfo, Result, Route, ServiceConfig, coerce_request
-from routing.sinks import DeliveryError, PayloadTooLarge, SinkContext, canonical_payload, sink_for
+from routing.callbacks import SinkCallback
+from routing.models import ErrorInfo, Result, Route, ServiceConfig
+from routing.sinks import (
+    AddressRefused,
+    DeliveryError,
+    PayloadTooLarge,
+    SinkContext,
+    canonical_payload,
+    sink_for,
+)
 from routing.sinks import sql as sql_module
 from routing.sinks.sql import SqlSink
+from routing.sinks.table import SqlTarget
 from routing.states import State
 from routing.store.lanes import LaneStore
 from tests.conftest import need_server
-from tests.test_sinks_webhook import BODY, deliver_once, finished, sink_settings
+from tests.test_sink_table import context_for, deliver, finished, sink_settings
+from tests.test_ssrf import deliver_failing
 
 PG_ENV = "MIXBATCH_TEST_POSTGRES_URL"
+APPDB = SinkCallback(sink="appdb")
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -50,8 +61,14 @@ def table() -> str:
 
 
 @pytest.fixture
-def context(store: LaneStore) -> Iterator[SinkContext]:
-    ctx = SinkContext(sink_settings(), redis=store.redis, namespace=store.keys.ns)
+def appdb(db_url: str, table: str, monkeypatch: pytest.MonkeyPatch) -> SqlTarget:
+    monkeypatch.setenv("APPDB_URL", db_url)
+    return SqlTarget(name="appdb", url_env="APPDB_URL", table=table)
+
+
+@pytest.fixture
+def context(store: LaneStore, appdb: SqlTarget, tmp_path: Path) -> Iterator[SinkContext]:
+    ctx = context_for(store, appdb, settings=sink_settings([tmp_path]))
     yield ctx
     ctx.close()
 
@@ -102,11 +119,10 @@ def test_upserting_twice_keeps_one_row_with_the_latest(
     db_url: str, table: str, rows: Any, context: SinkContext
 ) -> None:
     now = time.time()
-    spec = SqlCallback(url=db_url, table=table)
     first = a_result(now)
-    sink_for(spec, context).deliver(first, canonical_payload(first))
+    sink_for(APPDB, context).deliver(first, canonical_payload(first))
     later = a_result(now, body={"choices": [{"message": {"content": "second"}}]})
-    sink_for(spec, context).deliver(later, canonical_payload(later))
+    sink_for(APPDB, context).deliver(later, canonical_payload(later))
     [row] = rows()
     assert row["request_id"] == first.id
     assert row["response"] == later.body
@@ -126,9 +142,7 @@ def test_a_failed_result_keeps_its_error(
     now = time.time()
     error = ErrorInfo(code="server_error", message="upstream 503", retryable=True, status_code=503)
     failed = a_result(now, status=State.FAILED, status_code=503, body=None, error=error, usage=None)
-    sink_for(SqlCallback(url=db_url, table=table), context).deliver(
-        failed, canonical_payload(failed)
-    )
+    sink_for(APPDB, context).deliver(failed, canonical_payload(failed))
     [row] = rows()
     assert row["status"] == "failed" and row["response"] is None and row["usage"] is None
     assert row["error"] == error.model_dump(mode="json")
@@ -143,28 +157,26 @@ def test_delivering_twice_through_the_store_writes_one_row(
     context: SinkContext,
 ) -> None:
     now = time.time()
-    rid = finished(
-        store, service_config, now, {"kind": "sql", "url": db_url, "table": table}, custom_id="c1"
-    )
-    assert deliver_once(store, context, rid, now + 1).status == "delivered"
+    rid = finished(store, service_config, now, {"sink": "appdb"}, custom_id="c1")
+    assert deliver(store, context, rid, now + 1).status == "delivered"
     result = store.result(rid)
     assert result is not None
-    sink_for(SqlCallback(url=db_url, table=table), context).deliver(
-        result, canonical_payload(result)
-    )  # the at-least-once duplicate
+    sink_for(APPDB, context).deliver(result, canonical_payload(result))  # the duplicate
     [row] = rows()
     assert (row["request_id"], row["custom_id"]) == (rid, "c1")
 
 
 def test_the_default_table_comes_from_settings(
-    tmp_path: Path, store: LaneStore, service_config: ServiceConfig
+    tmp_path: Path, store: LaneStore, service_config: ServiceConfig, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     url = f"sqlite:///{tmp_path / 'default.db'}"
-    ctx = SinkContext(sink_settings(sql_table="answers"), redis=store.redis)
+    monkeypatch.setenv("DEFAULT_DB_URL", url)
+    target = SqlTarget(name="appdb", url_env="DEFAULT_DB_URL")
+    ctx = context_for(store, target, settings=sink_settings([tmp_path], sql_table="answers"))
     try:
         now = time.time()
-        rid = finished(store, service_config, now, {"kind": "sql", "url": url})
-        assert deliver_once(store, ctx, rid, now + 1).status == "delivered"
+        rid = finished(store, service_config, now, {"sink": "appdb"})
+        assert deliver(store, ctx, rid, now + 1).status == "delivered"
     finally:
         ctx.close()
     engine = sa.create_engine(url)
@@ -181,9 +193,7 @@ def test_the_documented_schema_is_the_table(db_url: str, table: str, context: Si
     assert documented == [c.name for c in sql_module.results_table(table).columns]
     now = time.time()
     result = a_result(now)
-    sink_for(SqlCallback(url=db_url, table=table), context).deliver(
-        result, canonical_payload(result)
-    )
+    sink_for(APPDB, context).deliver(result, canonical_payload(result))
     engine = sa.create_engine(db_url)
     try:
         with engine.connect() as conn:
@@ -197,15 +207,21 @@ def test_the_documented_schema_is_the_table(db_url: str, table: str, context: Si
 
 
 def test_an_unreachable_database_is_retried_and_the_result_kept(
-    db_url: str, store: LaneStore, service_config: ServiceConfig, context: SinkContext
+    db_url: str,
+    store: LaneStore,
+    service_config: ServiceConfig,
+    context: SinkContext,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     if db_url.startswith("sqlite"):
-        bad = "sqlite:////nonexistent-mixbatch-dir/sub/results.db"
+        bad = f"sqlite:///{tmp_path / 'no-such-dir' / 'sub' / 'results.db'}"
     else:
-        bad = str(sa.make_url(db_url).set(host="127.0.0.1", port=1))
+        bad = sa.make_url(db_url).set(host="127.0.0.1", port=1).render_as_string(False)
+    monkeypatch.setenv("APPDB_URL", bad)
     now = time.time()
-    rid = finished(store, service_config, now, {"kind": "sql", "url": bad})
-    out = deliver_once(store, context, rid, now + 1)
+    rid = finished(store, service_config, now, {"sink": "appdb"})
+    out = deliver(store, context, rid, now + 1)
     assert out.status == "retry" and out.error is not None
     assert out.error.code == "sql_unavailable" and out.error.retryable
     assert "cannot connect" in out.error.message
@@ -215,11 +231,15 @@ def test_an_unreachable_database_is_retried_and_the_result_kept(
     assert result is not None and result.status is State.DONE and not result.delivered
 
 
-def test_a_password_never_shows_in_an_error(context: SinkContext) -> None:
+def test_a_password_never_shows_in_an_error(
+    context: SinkContext, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("BAD_DB_URL", "postgresql+nosuchdriver://user:hunter2@db.internal/app")
     sink = SqlSink(
-        SqlCallback(url="postgresql+nosuchdriver://user:hunter2@db.internal/app"),
+        SqlTarget(name="bad", url_env="BAD_DB_URL"),
         settings=context.settings,
         engines=context.engines,
+        resolver=lambda host, port: ["93.184.215.14"],
     )
     result = a_result(time.time())
     with pytest.raises(DeliveryError) as info:
@@ -237,9 +257,7 @@ def test_a_table_without_the_columns_is_refused(
             conn.execute(sa.text(f'CREATE TABLE "{table}" (request_id VARCHAR(128) PRIMARY KEY)'))
         result = a_result(time.time())
         with pytest.raises(DeliveryError) as info:
-            sink_for(SqlCallback(url=db_url, table=table), context).deliver(
-                result, canonical_payload(result)
-            )
+            sink_for(APPDB, context).deliver(result, canonical_payload(result))
         assert not info.value.retryable and info.value.code == "sql_schema"
         assert "custom_id" in str(info.value) and "routing.sinks.sql" in str(info.value)
     finally:
@@ -248,10 +266,14 @@ def test_a_table_without_the_columns_is_refused(
         engine.dispose()
 
 
-def test_a_result_too_large_for_the_sink(store: LaneStore, tmp_path: Path) -> None:
-    ctx = SinkContext(sink_settings(sink_max_payload_bytes={"sql": 100}), redis=store.redis)
+def test_a_result_too_large_for_the_sink(
+    store: LaneStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("SMALL_DB_URL", f"sqlite:///{tmp_path / 'x.db'}")
+    settings = sink_settings([tmp_path], sink_max_payload_bytes={"sql": 100})
+    ctx = context_for(store, SqlTarget(name="small", url_env="SMALL_DB_URL"), settings=settings)
     try:
-        sink = sink_for(SqlCallback(url=f"sqlite:///{tmp_path / 'x.db'}"), ctx)
+        sink = sink_for(SinkCallback(sink="small"), ctx)
         result = a_result(time.time())
         with pytest.raises(PayloadTooLarge, match=r"sql sink: .* limit of 100"):
             sink.deliver(result, canonical_payload(result))
@@ -260,19 +282,51 @@ def test_a_result_too_large_for_the_sink(store: LaneStore, tmp_path: Path) -> No
     assert not (tmp_path / "x.db").exists(), "nothing was written"
 
 
-@pytest.mark.parametrize(
-    "callback,field,fragment",
-    [
-        ({"kind": "sql", "url": "mysql://u@h/db"}, "callback.url", "sqlite://..., postgresql://"),
-        ({"kind": "sql", "url": "postgres://u@h/db"}, "callback.url", "postgresql+psycopg"),
-        ({"kind": "sql", "url": "sqlite:///x.db", "table": "x; DROP"}, "callback.table", "letters"),
-        ({"kind": "sql"}, "callback.url", "Field required"),
-    ],
-)
-def test_a_bad_sql_callback_is_refused_at_submit(
-    callback: dict[str, Any], field: str, fragment: str
+def test_a_sqlite_file_outside_the_allowed_directories_is_refused(
+    store: LaneStore,
+    service_config: ServiceConfig,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    with pytest.raises(InvalidRequest) as info:
-        coerce_request({"body": BODY, "callback": callback})
-    assert info.value.field == field
-    assert fragment in str(info.value)
+    """A SQLite URL is a file path on the worker: only where MIXBATCH_SINK_ALLOW_PATHS says,
+    links followed, and nothing is created elsewhere."""
+    allowed, outside = tmp_path / "dbs", tmp_path / "elsewhere"
+    allowed.mkdir()
+    outside.mkdir()
+    (allowed / "link.db").symlink_to(outside / "target.db")
+    ctx = context_for(
+        store, SqlTarget(name="appdb", url_env="APPDB_URL"), settings=sink_settings([allowed])
+    )
+    now = time.time()
+    try:
+        for path in (outside / "x.db", allowed / "link.db", allowed / ".." / "elsewhere" / "y.db"):
+            monkeypatch.setenv("APPDB_URL", f"sqlite:///{path}")
+            rid = finished(store, service_config, now, {"sink": "appdb"})
+            out = deliver(store, ctx, rid, now + 1)
+            assert out.status == "dead letter" and out.error is not None
+            assert "is not under a directory of MIXBATCH_SINK_ALLOW_PATHS" in out.error.message
+        assert list(outside.iterdir()) == [], "no file was created outside"
+        monkeypatch.setenv("APPDB_URL", f"sqlite:///{allowed / 'ok.db'}")
+        rid = finished(store, service_config, now, {"sink": "appdb"})
+        assert deliver(store, ctx, rid, now + 1).status == "delivered"
+    finally:
+        ctx.close()
+    with pytest.raises(AddressRefused):
+        SqlSink(
+            SqlTarget(name="appdb", url_env="APPDB_URL"),
+            settings=sink_settings(),
+            engines=ctx.engines,
+        ).deliver(a_result(now), b"{}")
+
+
+def test_an_unset_url_variable_is_a_dead_letter_naming_it(
+    store: LaneStore, service_config: ServiceConfig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("APPDB_URL", raising=False)
+    ctx = context_for(store, SqlTarget(name="appdb", url_env="APPDB_URL"))
+    status, message = deliver_failing(store, service_config, ctx, "appdb", time.time())
+    assert status == "dead letter"
+    assert message == (
+        "sql sink: sink 'appdb': APPDB_URL is not set in the worker's environment (the "
+        "database URL); set it, then replay"
+    )

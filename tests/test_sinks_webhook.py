@@ -1,20 +1,24 @@
-"""Webhook sink against a real HTTP receiver on loopback (allow-listed here, as it must be).
+"""Webhook sink against real HTTP receivers on loopback (allow-listed here, as it must be).
 
 The receiver checks the signature of every delivery with ``verify_signature``, the helper a
-real receiver would use, and applies each ``Mixbatch-Request-Id`` once. Deliveries go through
-``run_delivery`` against a real Redis store, with ``now`` passed in so backoff needs no sleeping.
-The helpers here (``Receiver``, ``finished``, ``sink_settings``) are shared with
-``test_deliver.py`` and ``test_dlq.py``.
+real receiver would use, and applies each ``webhook-id`` once. Deliveries go to a named sink of
+a ``SinkTable`` through ``run_delivery`` against a real Redis store, with ``now`` passed in so
+backoff needs no sleeping. A second kind of receiver trickles its answer one byte a second: a
+delivery to it ends at its total deadline, and the rest of its batch is delivered inside live
+leases. The helpers here (``Receiver``, ``finished``, ``sink_settings``, ``webhook_context``,
+``hook``) are shared with ``test_deliver.py``, ``test_dlq.py`` and ``test_webhook_spec.py``.
 """
 
 from __future__ import annotations
 
+import base64
 import json
+import os
 import socket
 import threading
 import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import closing, contextmanager
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -22,15 +26,13 @@ from typing import Any
 import httpx
 import pytest
 
-from routing.callbacks import CallbackSpec, WebhookCallback
-from routing.engine.deliver import Outcome, run_delivery
-from routing.errors import InvalidRequest
+from routing.callbacks import CallbackSpec, SinkCallback
+from routing.engine.deliver import Outcome, run_deliveries, run_delivery
 from routing.models import (
     Request,
     Result,
     ServiceConfig,
     StoredResult,
-    coerce_request,
     prepare,
 )
 from routing.sinks import (
@@ -43,14 +45,19 @@ from routing.sinks import (
     sink_for,
     verify_signature,
 )
-from routing.sinks.signing import signature_header
-from routing.sinks.webhook import AddressPolicy, WebhookSink
+from routing.sinks.guard import AddressPolicy, resolve_host
+from routing.sinks.signing import webhook_headers
+from routing.sinks.table import SinkTable, WebhookTarget
+from routing.sinks.webhook import WebhookSink
 from routing.states import State
 from routing.store.lanes import LaneStore
 from tasks.cli.dlq import replay_dead_letter
 
-SECRET = "whsec-acme-test"
-DEFAULT_SECRET = "whsec-default-test"
+SECRET = "whsec_" + base64.b64encode(b"mixbatch-test-key-for-acme-hooks").decode()
+OTHER_SECRET = "whsec_" + base64.b64encode(b"mixbatch-test-key-of-another-sink").decode()
+#: The variable the test sinks read their secret from (set by ``webhook_context``).
+SECRET_ENV = "MIXBATCH_TEST_WEBHOOK_SECRET"
+HOOK = "hooks"
 BODY: dict[str, Any] = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
 ANSWER: dict[str, Any] = {"choices": [{"message": {"role": "assistant", "content": "hello"}}]}
 LOOPBACK = ["127.0.0.1/32"]
@@ -60,14 +67,39 @@ LOOPBACK = ["127.0.0.1/32"]
 
 
 def sink_settings(**overrides: Any) -> SinkSettings:
-    values: dict[str, Any] = {
-        "webhook_allow": LOOPBACK,
-        "webhook_secrets": {"acme": SECRET},
-        "webhook_secret": DEFAULT_SECRET,
-        "webhook_timeout_s": 2.0,
-    }
+    values: dict[str, Any] = {"sink_allow": LOOPBACK, "webhook_timeout_s": 2.0}
     values.update(overrides)
     return SinkSettings(_env_file=None, **values)  # type: ignore[call-arg]
+
+
+def hook(name: str = HOOK) -> dict[str, str]:
+    """The callback of a request delivered to the test sink ``name``."""
+    return {"sink": name}
+
+
+def webhook_target(
+    url: str, *, name: str = HOOK, secret_env: str = SECRET_ENV, previous: str | None = None
+) -> WebhookTarget:
+    return WebhookTarget(name=name, url=url, secret_env=secret_env, previous_secret_env=previous)
+
+
+def webhook_context(
+    store: LaneStore,
+    *targets: WebhookTarget | str,
+    settings: SinkSettings | None = None,
+    **kwargs: Any,
+) -> SinkContext:
+    """A ``SinkContext`` whose table holds ``targets`` (a URL is the sink ``hooks`` at that URL,
+    signing with ``SECRET``, which this sets in the environment for it)."""
+    os.environ[SECRET_ENV] = SECRET
+    table = SinkTable(webhook_target(t) if isinstance(t, str) else t for t in targets)
+    return SinkContext(
+        settings or sink_settings(),
+        sinks=table,
+        redis=store.redis,
+        namespace=store.keys.ns,
+        **kwargs,
+    )
 
 
 def finished(
@@ -80,7 +112,13 @@ def finished(
     custom_id: str | None = None,
     answer: dict[str, Any] | None = None,
 ) -> str:
-    """A request submitted, claimed and finished DONE: its result waits in the outbox."""
+    """A request submitted, claimed and finished DONE: its result waits in the outbox. A sink
+    the callback names is published in the service's config first, as the service would."""
+    name = callback.get("sink") if isinstance(callback, dict) else None
+    if isinstance(callback, SinkCallback):
+        name = callback.sink
+    if name is not None and name not in config.sinks:
+        config = config.model_copy(update={"sinks": (*config.sinks, name)})
     request = Request(body=dict(BODY), callback=callback, tenant=tenant, custom_id=custom_id)  # type: ignore[arg-type]
     [ticket] = store.submit_many([prepare(request, config, now)], config, now=now)
     [claimed] = store.claim(ticket.lane, 1, lease_s=60, now=now)
@@ -114,7 +152,7 @@ def deliver_once(
 @dataclass
 class Delivery:
     request_id: str | None
-    signature: str | None
+    headers: dict[str, str]
     body: bytes
     valid: bool
     status: int
@@ -125,7 +163,7 @@ class Receiver:
     """A webhook receiver as a caller would write one: verify, then apply each id once.
 
     ``script`` holds the answers to give, in order (status, headers, delay_s); when it runs out,
-    every answer is 200.
+    every answer is 200. ``on_delivery`` (if set) sees each delivery's id as it arrives.
     """
 
     secret: str = SECRET
@@ -135,6 +173,7 @@ class Receiver:
     accepted: dict[str, int] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
     server: ThreadingHTTPServer | None = None
+    on_delivery: Callable[[str], None] | None = None
 
     @property
     def url(self) -> str:
@@ -148,19 +187,20 @@ class Receiver:
     def stall(self, delay_s: float) -> None:
         self.script.append((200, {}, delay_s))
 
-    def handle(
-        self, request_id: str | None, signature: str | None, body: bytes
-    ) -> tuple[int, dict[str, str], float]:
-        valid = verify_signature(self.secret, signature, body)
+    def handle(self, headers: dict[str, str], body: bytes) -> tuple[int, dict[str, str], float]:
+        valid = verify_signature(self.secret, headers, body)
+        request_id = headers.get("webhook-id")
+        if self.on_delivery is not None and request_id is not None:
+            self.on_delivery(request_id)
         with self.lock:
-            status, headers, delay = self.script.pop(0) if self.script else (200, {}, 0.0)
+            status, extra, delay = self.script.pop(0) if self.script else (200, {}, 0.0)
             if not valid:
                 status = 401
-            self.deliveries.append(Delivery(request_id, signature, body, valid, status))
+            self.deliveries.append(Delivery(request_id, headers, body, valid, status))
             if valid and 200 <= status < 300 and request_id is not None:
                 self.accepted[request_id] = self.accepted.get(request_id, 0) + 1
                 self.applied.setdefault(request_id, json.loads(body))
-        return status, headers, delay
+        return status, extra, delay
 
 
 def _handler(receiver: Receiver) -> type[BaseHTTPRequestHandler]:
@@ -169,17 +209,14 @@ def _handler(receiver: Receiver) -> type[BaseHTTPRequestHandler]:
 
         def do_POST(self) -> None:
             body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
-            status, headers, delay = receiver.handle(
-                self.headers.get("Mixbatch-Request-Id"),
-                self.headers.get("Mixbatch-Signature"),
-                body,
-            )
+            headers = {k.lower(): v for k, v in self.headers.items()}
+            status, extra, delay = receiver.handle(headers, body)
             if delay:
                 time.sleep(delay)
             reply = json.dumps({"status": status}).encode()
             try:
                 self.send_response(status)
-                for name, value in headers.items():
+                for name, value in extra.items():
                     self.send_header(name, value)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(reply)))
@@ -195,20 +232,27 @@ def _handler(receiver: Receiver) -> type[BaseHTTPRequestHandler]:
 
 
 @contextmanager
-def serve_receiver() -> Iterator[Receiver]:
-    """A ``Receiver`` listening on a free loopback port, in a thread, for the block."""
-    rec = Receiver()
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(rec))
+def serving(handler: type[BaseHTTPRequestHandler]) -> Iterator[ThreadingHTTPServer]:
+    """``handler`` listening on a free loopback port, in a thread, for the block."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
     server.daemon_threads = True
-    rec.server = server
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05})
     thread.start()
     try:
-        yield rec
+        yield server
     finally:
         server.shutdown()
         server.server_close()
         thread.join(5)
+
+
+@contextmanager
+def serve_receiver(secret: str = SECRET) -> Iterator[Receiver]:
+    """A ``Receiver`` listening on a free loopback port, in a thread, for the block."""
+    rec = Receiver(secret=secret)
+    with serving(_handler(rec)) as server:
+        rec.server = server
+        yield rec
 
 
 @pytest.fixture
@@ -223,14 +267,10 @@ def now() -> float:
 
 
 @pytest.fixture
-def context(store: LaneStore) -> Iterator[SinkContext]:
-    ctx = SinkContext(sink_settings(), redis=store.redis, namespace=store.keys.ns)
+def context(store: LaneStore, receiver: Receiver) -> Iterator[SinkContext]:
+    ctx = webhook_context(store, receiver.url)
     yield ctx
     ctx.close()
-
-
-def _hook(receiver: Receiver) -> dict[str, Any]:
-    return {"kind": "webhook", "url": receiver.url}
 
 
 # -- signed deliveries --------------------------------------------------------------------------
@@ -243,31 +283,36 @@ def test_a_delivery_is_signed_and_carries_the_request_id(
     receiver: Receiver,
     now: float,
 ) -> None:
-    rid = finished(store, service_config, now, _hook(receiver), custom_id="doc-1")
+    rid = finished(store, service_config, now, hook(), custom_id="doc-1")
     assert deliver_once(store, context, rid, now + 1).status == "delivered"
     [got] = receiver.deliveries
     assert got.valid and got.request_id == rid
+    assert got.headers["webhook-timestamp"].isdigit()
+    assert got.headers["webhook-signature"].startswith("v1,")
     result = store.result(rid)
     assert result is not None and result.delivered
     assert got.body == canonical_payload(result.model_copy(update={"delivered": False}))
+    assert receiver.applied[rid]["id"] == rid, "the body's id is the webhook-id"
     assert receiver.applied[rid]["custom_id"] == "doc-1"
     assert receiver.applied[rid]["body"] == ANSWER
     assert store.status(rid).state is State.DELIVERED
 
 
-def test_each_tenant_signs_with_its_own_secret(
-    store: LaneStore,
-    service_config: ServiceConfig,
-    context: SinkContext,
-    receiver: Receiver,
-    now: float,
+def test_each_sink_signs_with_its_own_secret(
+    store: LaneStore, service_config: ServiceConfig, now: float, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    rid = finished(store, service_config, now, _hook(receiver), tenant="globex")
-    receiver.secret = DEFAULT_SECRET  # globex has no secret of its own: the default signs
-    assert deliver_once(store, context, rid, now + 1).status == "delivered"
-    [got] = receiver.deliveries
-    assert got.valid
-    assert not verify_signature(SECRET, got.signature, got.body), "not acme's key"
+    monkeypatch.setenv("MIXBATCH_TEST_OTHER_SECRET", OTHER_SECRET)
+    with serve_receiver() as first, serve_receiver(OTHER_SECRET) as second:
+        other = webhook_target(second.url, name="other", secret_env="MIXBATCH_TEST_OTHER_SECRET")
+        with closing(webhook_context(store, first.url, other)) as ctx:
+            a = finished(store, service_config, now, hook())
+            b = finished(store, service_config, now, hook("other"))
+            assert deliver_once(store, ctx, a, now + 1).status == "delivered"
+            assert deliver_once(store, ctx, b, now + 1).status == "delivered"
+    [to_first], [to_second] = first.deliveries, second.deliveries
+    assert to_first.valid and to_second.valid
+    assert not verify_signature(OTHER_SECRET, to_first.headers, to_first.body)
+    assert not verify_signature(SECRET, to_second.headers, to_second.body)
 
 
 def test_500_then_success_is_retried_with_backoff(
@@ -278,7 +323,7 @@ def test_500_then_success_is_retried_with_backoff(
     now: float,
 ) -> None:
     receiver.answer(500, 503)
-    rid = finished(store, service_config, now, _hook(receiver))
+    rid = finished(store, service_config, now, hook())
     first = deliver_once(store, context, rid, now + 1)
     assert first.status == "retry" and first.error is not None
     assert first.error.code == "receiver_error" and first.error.status_code == 500
@@ -290,6 +335,7 @@ def test_500_then_success_is_retried_with_backoff(
     assert deliver_once(store, context, rid, now + 20).status == "delivered"
     assert [d.status for d in receiver.deliveries] == [500, 503, 200]
     assert all(d.valid for d in receiver.deliveries), "every try is signed"
+    assert len({d.request_id for d in receiver.deliveries}) == 1, "one webhook-id for all tries"
     assert receiver.accepted == {rid: 1}
     assert store.status(rid).state is State.DELIVERED
 
@@ -302,7 +348,7 @@ def test_429_retry_after_is_a_floor(
     now: float,
 ) -> None:
     receiver.answer(429, headers={"Retry-After": "120"})
-    rid = finished(store, service_config, now, _hook(receiver))
+    rid = finished(store, service_config, now, hook())
     out = deliver_once(store, context, rid, now + 1)
     assert out.status == "retry" and out.error is not None and out.error.code == "rate_limited"
     assert out.retry_in_s is not None and out.retry_in_s >= 120
@@ -317,7 +363,7 @@ def test_410_goes_straight_to_the_dead_letters(
     now: float,
 ) -> None:
     receiver.answer(410)
-    rid = finished(store, service_config, now, _hook(receiver))
+    rid = finished(store, service_config, now, hook())
     out = deliver_once(store, context, rid, now + 1)
     assert out.status == "dead letter" and out.attempt == 1
     [entry] = store.dlq.entries()
@@ -341,7 +387,7 @@ def test_a_dead_letter_is_replayed_once_the_receiver_is_back(
     now: float,
 ) -> None:
     receiver.answer(404)
-    rid = finished(store, service_config, now, _hook(receiver))
+    rid = finished(store, service_config, now, hook())
     assert deliver_once(store, context, rid, now + 1).status == "dead letter"
     assert store.lane_stats("standard").counts["dead_letters"] == 1
     assert replay_dead_letter(store, rid, now=now + 5)
@@ -361,7 +407,7 @@ def test_gives_up_after_max_attempts_with_the_last_error(
     now: float,
 ) -> None:
     receiver.answer(502, 502, 503)
-    rid = finished(store, service_config, now, _hook(receiver))
+    rid = finished(store, service_config, now, hook())
     outcomes = [
         deliver_once(store, context, rid, now + 1000 * i, max_attempts=3).status for i in (1, 2, 3)
     ]
@@ -372,37 +418,27 @@ def test_gives_up_after_max_attempts_with_the_last_error(
 
 
 def test_a_timeout_is_retried(
-    store: LaneStore,
-    service_config: ServiceConfig,
-    store_ns_context: SinkContext,
-    receiver: Receiver,
-    now: float,
+    store: LaneStore, service_config: ServiceConfig, receiver: Receiver, now: float
 ) -> None:
     receiver.stall(1.0)
-    rid = finished(store, service_config, now, _hook(receiver))
-    out = deliver_once(store, store_ns_context, rid, now + 1)
+    with closing(
+        webhook_context(store, receiver.url, settings=sink_settings(webhook_timeout_s=0.3))
+    ) as ctx:
+        rid = finished(store, service_config, now, hook())
+        out = deliver_once(store, ctx, rid, now + 1)
     assert out.status == "retry" and out.error is not None
     assert out.error.code == "timeout" and "MIXBATCH_WEBHOOK_TIMEOUT_S" in out.error.message
 
 
-@pytest.fixture
-def store_ns_context(store: LaneStore) -> Iterator[SinkContext]:
-    ctx = SinkContext(
-        sink_settings(webhook_timeout_s=0.3), redis=store.redis, namespace=store.keys.ns
-    )
-    yield ctx
-    ctx.close()
-
-
 def test_a_closed_port_is_retried(
-    store: LaneStore, service_config: ServiceConfig, context: SinkContext, now: float
+    store: LaneStore, service_config: ServiceConfig, now: float
 ) -> None:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]  # closed again when the block ends: nothing listens
-    url = f"http://127.0.0.1:{port}/hook"
-    rid = finished(store, service_config, now, {"kind": "webhook", "url": url})
-    out = deliver_once(store, context, rid, now + 1)
+    with closing(webhook_context(store, f"http://127.0.0.1:{port}/hook")) as ctx:
+        rid = finished(store, service_config, now, hook())
+        out = deliver_once(store, ctx, rid, now + 1)
     assert out.status == "retry" and out.error is not None and out.error.code == "connect_failed"
 
 
@@ -414,44 +450,254 @@ def test_a_redirect_is_not_followed(
     now: float,
 ) -> None:
     receiver.answer(302, headers={"Location": "http://169.254.169.254/latest/meta-data/"})
-    rid = finished(store, service_config, now, _hook(receiver))
+    rid = finished(store, service_config, now, hook())
     out = deliver_once(store, context, rid, now + 1)
     assert out.status == "dead letter" and out.error is not None
     assert out.error.code == "receiver_redirected"
     assert len(receiver.deliveries) == 1
 
 
-def test_no_secret_for_the_tenant_is_a_dead_letter_naming_the_setting(
-    store: LaneStore, service_config: ServiceConfig, receiver: Receiver, now: float
+@pytest.mark.parametrize("value", [None, "not base64 at all!", "whsec_"])
+def test_a_missing_or_malformed_secret_is_a_dead_letter_naming_the_variable(
+    store: LaneStore,
+    service_config: ServiceConfig,
+    context: SinkContext,
+    receiver: Receiver,
+    now: float,
+    monkeypatch: pytest.MonkeyPatch,
+    value: str | None,
 ) -> None:
-    ctx = SinkContext(sink_settings(webhook_secret=None), redis=store.redis)
-    try:
-        rid = finished(store, service_config, now, _hook(receiver), tenant="globex")
-        out = deliver_once(store, ctx, rid, now + 1)
-    finally:
-        ctx.close()
+    if value is None:
+        monkeypatch.delenv(SECRET_ENV)
+    else:
+        monkeypatch.setenv(SECRET_ENV, value)
+    rid = finished(store, service_config, now, hook())
+    out = deliver_once(store, context, rid, now + 1)
     assert out.status == "dead letter" and out.error is not None
     assert out.error.code == "webhook_secret_missing"
-    assert "MIXBATCH_WEBHOOK_SECRETS" in out.error.message and "globex" in out.error.message
+    assert SECRET_ENV in out.error.message and HOOK in out.error.message
+    assert "not base64 at all" not in out.error.message, "the value is never shown"
     assert receiver.deliveries == [], "nothing unsigned is sent"
 
 
 def test_a_result_too_large_is_a_dead_letter_naming_the_limit(
     store: LaneStore, service_config: ServiceConfig, receiver: Receiver, now: float
 ) -> None:
-    ctx = SinkContext(sink_settings(sink_max_payload_bytes={"webhook": 2000}), redis=store.redis)
-    try:
+    with closing(
+        webhook_context(
+            store, receiver.url, settings=sink_settings(sink_max_payload_bytes={"webhook": 2000})
+        )
+    ) as ctx:
         big = {"choices": [{"message": {"content": "x" * 5000}}]}
-        rid = finished(store, service_config, now, _hook(receiver), answer=big)
+        rid = finished(store, service_config, now, hook(), answer=big)
         out = deliver_once(store, ctx, rid, now + 1)
-    finally:
-        ctx.close()
     assert out.status == "dead letter" and out.error is not None
     assert out.error.code == "payload_too_large"
     assert "webhook sink" in out.error.message and "limit of 2000" in out.error.message
     assert receiver.deliveries == []
     result = store.result(rid)
     assert result is not None and result.body == big, "the result stays stored"
+
+
+# -- a slow receiver cannot hold a worker ------------------------------------------------------
+
+#: What the trickling receiver answers, one byte a second: over a minute in all.
+TRICKLED = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}"
+
+
+class Trickler:
+    """A receiver that reads each request whole, then answers one byte a second: no read
+    waits as long as a second, so per-read timeouts never fire."""
+
+    def __init__(self) -> None:
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.listener.settimeout(0.1)
+        self.stop = threading.Event()
+        self.requests: list[str] = []
+        self.threads: list[threading.Thread] = []
+        self.thread = threading.Thread(target=self._accept)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.listener.getsockname()[1]}/slow"
+
+    def _accept(self) -> None:
+        while not self.stop.is_set():
+            try:
+                conn, _ = self.listener.accept()
+            except TimeoutError:
+                continue
+            thread = threading.Thread(target=self._trickle, args=(conn,))
+            self.threads.append(thread)
+            thread.start()
+
+    def _trickle(self, conn: socket.socket) -> None:
+        with conn:
+            conn.settimeout(5)
+            data = b""
+            try:
+                while b"\r\n\r\n" not in data:
+                    data += conn.recv(65536)
+                head, _, body = data.partition(b"\r\n\r\n")
+                length = next(
+                    int(line.split(b":", 1)[1])
+                    for line in head.split(b"\r\n")
+                    if line.lower().startswith(b"content-length:")
+                )
+                while len(body) < length:
+                    body += conn.recv(65536)
+                ids = [ln for ln in head.split(b"\r\n") if ln.lower().startswith(b"webhook-id:")]
+                self.requests.append(ids[0].split(b":", 1)[1].strip().decode())
+                for byte in TRICKLED:
+                    if self.stop.wait(1.0):
+                        return
+                    conn.sendall(bytes([byte]))
+            except OSError:
+                return  # the sender hung up: what a deadline does
+
+    def __enter__(self) -> Trickler:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        self.thread.join(5)
+        for thread in self.threads:
+            thread.join(5)
+        self.listener.close()
+
+
+@contextmanager
+def trickling(
+    store: LaneStore,
+    deadline_s: float,
+    targets: Callable[[str], Sequence[WebhookTarget | str]] = lambda url: [url],
+) -> Iterator[tuple[Trickler, SinkContext]]:
+    """A ``Trickler``, and sinks with a total deadline of ``deadline_s``: ``targets`` of its URL
+    (by default the sink ``hooks`` is the trickler)."""
+    with Trickler() as slow:
+        settings = sink_settings(webhook_timeout_s=deadline_s)
+        with closing(webhook_context(store, *targets(slow.url), settings=settings)) as ctx:
+            yield slow, ctx
+
+
+@pytest.mark.timeout(40)
+def test_a_trickling_receiver_is_cut_off_at_the_total_deadline(
+    store: LaneStore, service_config: ServiceConfig, now: float
+) -> None:
+    # Two seconds in all: longer than any wait between two bytes, so only a total counts.
+    with trickling(store, 2.0) as (slow, ctx):
+        rid = finished(store, service_config, now, hook())
+        started = time.monotonic()
+        out = deliver_once(store, ctx, rid, now + 1)
+        took = time.monotonic() - started
+    assert slow.requests == [rid], "the request was sent; the answer was trickling"
+    assert out.status == "retry" and out.error is not None and out.error.code == "timeout"
+    assert "all of it" in out.error.message and "MIXBATCH_WEBHOOK_TIMEOUT_S" in out.error.message
+    # The answer takes over a minute at a byte a second; the worker is back long before.
+    assert took < len(TRICKLED) / 4
+
+
+@pytest.mark.timeout(60)
+def test_a_slow_target_does_not_push_the_rest_of_its_batch_past_their_leases(
+    store: LaneStore, service_config: ServiceConfig, receiver: Receiver
+) -> None:
+    lease_s, deadline_s = 5.0, 2.0
+    left: dict[str, float] = {}
+
+    def lease_left(rid: str) -> None:
+        """At the moment a delivery arrives: how long its lease still runs."""
+        score = store.redis.zscore(store.keys.outbox("standard"), rid)
+        left[rid] = (score or 0.0) - time.time()
+
+    receiver.on_delivery = lease_left
+    slow_sinks = [f"slow{i}" for i in range(3)]
+
+    def targets(url: str) -> list[WebhookTarget | str]:
+        return [receiver.url, *(webhook_target(url, name=name) for name in slow_sinks)]
+
+    with trickling(store, deadline_s, targets) as (slow, ctx):
+        t0 = time.time() - 5  # finished a while ago: due now
+        slow_ids = [finished(store, service_config, t0, hook(name)) for name in slow_sinks]
+        fast_ids = [finished(store, service_config, t0, hook(), tenant=f"t{i}") for i in range(3)]
+        start = time.time()
+        outcomes = run_deliveries(
+            store,
+            slow_ids + fast_ids,
+            sinks=lambda spec: sink_for(spec, ctx),
+            max_attempts=5,
+            lease_s=lease_s,
+            now=start,
+        )
+        took = time.time() - start
+    assert took > lease_s, "the slow targets used up more than one lease"
+    assert sorted(slow.requests) == sorted(slow_ids), "each slow target was tried once"
+    for rid in slow_ids:
+        out = outcomes[rid]
+        assert out.status == "retry" and out.error is not None and out.error.code == "timeout"
+    assert [outcomes[rid].status for rid in fast_ids] == ["delivered"] * 3
+    assert set(left) == set(fast_ids)
+    for rid in fast_ids:
+        assert left[rid] > deadline_s, f"{rid} was sent {-left[rid]:.2f}s past its lease"
+    assert receiver.accepted == dict.fromkeys(fast_ids, 1)
+    assert all(store.status(rid).state is State.DELIVERED for rid in fast_ids)
+
+
+@pytest.mark.timeout(60)
+def test_a_target_that_timed_out_is_not_tried_again_in_the_same_batch(
+    store: LaneStore, service_config: ServiceConfig, now: float
+) -> None:
+    with trickling(store, 1.0) as (slow, ctx):
+        ids = [finished(store, service_config, now, hook(), tenant=f"t{i}") for i in range(3)]
+        outcomes = run_deliveries(
+            store,
+            ids,
+            sinks=lambda spec: sink_for(spec, ctx),
+            max_attempts=5,
+            lease_s=30,
+            now=now + 1,
+        )
+    assert slow.requests == ids[:1], "one deadline for the batch, not one per delivery"
+    for rid in ids:
+        out = outcomes[rid]
+        assert out.status == "retry" and out.error is not None and out.error.code == "timeout"
+    for rid in ids[1:]:
+        error = outcomes[rid].error
+        assert error is not None and "not tried" in error.message
+
+
+def test_a_delivery_another_worker_took_meanwhile_is_left_to_it(
+    store: LaneStore,
+    service_config: ServiceConfig,
+    context: SinkContext,
+    receiver: Receiver,
+    now: float,
+) -> None:
+    """Time moves only when the first sink is called: by more than half the lease, after
+    which another worker claims the second delivery (as it may once the lease ran out)."""
+    lease_s = 10.0
+    first, second, third = (finished(store, service_config, now, hook()) for _ in range(3))
+    elapsed = [0.0]
+
+    def sinks(spec: CallbackSpec) -> Any:
+        if not elapsed[0]:
+            elapsed[0] = lease_s + 1
+            assert store.claim_deliveries([second], lease_s=lease_s, now=now + 1 + lease_s + 1)
+        return sink_for(spec, context)
+
+    outcomes = run_deliveries(
+        store,
+        [first, second, third],
+        sinks=sinks,
+        max_attempts=5,
+        lease_s=lease_s,
+        now=now + 1,
+        clock=lambda: elapsed[0],
+    )
+    assert outcomes[first].status == "delivered"
+    assert outcomes[second].status == "lost", "the other worker holds it now"
+    assert outcomes[third].status == "delivered", "still ours: renewed before it was sent"
+    assert set(receiver.accepted) == {first, third}
 
 
 # -- refused addresses -----------------------------------------------------------------------
@@ -487,15 +733,14 @@ class _NoNetwork(httpx.BaseTransport):
 def test_refused_addresses_without_an_allow_list(
     url: str, resolved: list[str] | None, reason: str, now: float
 ) -> None:
-    from routing.sinks.webhook import resolve_host
-
     def resolver(host: str, port: int) -> Sequence[str]:
         return resolved if resolved is not None else resolve_host(host, port)
 
+    os.environ[SECRET_ENV] = SECRET
     with httpx.Client(transport=_NoNetwork()) as client:
         sink = WebhookSink(
-            WebhookCallback(url=url),
-            settings=sink_settings(webhook_allow=[]),
+            webhook_target(url),
+            settings=sink_settings(sink_allow=[]),
             client=client,
             resolver=resolver,
         )
@@ -503,18 +748,17 @@ def test_refused_addresses_without_an_allow_list(
         with pytest.raises(AddressRefused) as info:
             sink.deliver(result, canonical_payload(result))
     assert not info.value.retryable and info.value.code == "address_refused"
-    assert reason in str(info.value) and "MIXBATCH_WEBHOOK_ALLOW" in str(info.value)
+    assert reason in str(info.value) and "MIXBATCH_SINK_ALLOW" in str(info.value)
 
 
 def test_a_refused_address_is_a_dead_letter_at_once(
     store: LaneStore, service_config: ServiceConfig, receiver: Receiver, now: float
 ) -> None:
-    ctx = SinkContext(sink_settings(webhook_allow=[]), redis=store.redis)
-    try:
-        rid = finished(store, service_config, now, _hook(receiver))
+    with closing(
+        webhook_context(store, receiver.url, settings=sink_settings(sink_allow=[]))
+    ) as ctx:
+        rid = finished(store, service_config, now, hook())
         out = deliver_once(store, ctx, rid, now + 1)
-    finally:
-        ctx.close()
     assert out.status == "dead letter" and out.attempt == 1
     assert out.error is not None and out.error.code == "address_refused"
     assert receiver.deliveries == []
@@ -544,79 +788,85 @@ def test_address_policy(allow: list[str], host: str, addresses: list[str], ok: b
             policy.check(host, addresses)
 
 
-@pytest.mark.parametrize(
-    "url,fragment",
-    [
-        ("ftp://example.com/hook", "scheme 'ftp'"),
-        ("file:///etc/passwd", "scheme 'file'"),
-        ("gopher://example.com/", "scheme 'gopher'"),
-        ("example.com/hook", "scheme '(none)'"),
-        ("http:///hook", "has no host"),
-    ],
-)
-def test_a_non_http_url_is_refused_at_submit(url: str, fragment: str) -> None:
-    with pytest.raises(InvalidRequest) as info:
-        coerce_request({"body": BODY, "callback": {"kind": "webhook", "url": url}})
-    assert info.value.field == "callback.url"
-    assert fragment in str(info.value)
-
-
 # -- verify_signature --------------------------------------------------------------------------
 
 PAYLOAD = b'{"id":"standard.01X","status":"done"}'
+T = 1_700_000_000
+
+
+def signed(secrets: Sequence[str] = (SECRET,), msg_id: str = "standard.01X") -> dict[str, str]:
+    return webhook_headers(list(secrets), msg_id, PAYLOAD, timestamp=T)
 
 
 def test_verify_signature_accepts_a_fresh_signature() -> None:
-    header = signature_header(SECRET, PAYLOAD, timestamp=1_700_000_000)
-    assert verify_signature(SECRET, header, PAYLOAD, now=1_700_000_100)
-    assert verify_signature(SECRET.encode(), header, PAYLOAD, now=1_700_000_100)
+    headers = signed()
+    assert verify_signature(SECRET, headers, PAYLOAD, now=T + 100)
+    upper = {k.title(): v for k, v in headers.items()}
+    assert verify_signature(SECRET, upper, PAYLOAD, now=T + 100), "header names in any case"
+    assert verify_signature(SECRET, list(headers.items()), PAYLOAD, now=T + 100)
 
 
 def test_verify_signature_has_a_replay_window() -> None:
-    header = signature_header(SECRET, PAYLOAD, timestamp=1_700_000_000)
-    assert verify_signature(SECRET, header, PAYLOAD, now=1_700_000_300)
-    assert not verify_signature(SECRET, header, PAYLOAD, now=1_700_000_301), "too old"
-    assert not verify_signature(SECRET, header, PAYLOAD, now=1_699_999_600), "from the future"
-    assert verify_signature(SECRET, header, PAYLOAD, tolerance=3600, now=1_700_003_000)
+    headers = signed()
+    assert verify_signature(SECRET, headers, PAYLOAD, now=T + 300)
+    assert not verify_signature(SECRET, headers, PAYLOAD, now=T + 301), "too old"
+    assert not verify_signature(SECRET, headers, PAYLOAD, now=T - 400), "from the future"
+    assert verify_signature(SECRET, headers, PAYLOAD, tolerance=3600, now=T + 3000)
 
 
-def test_verify_signature_refuses_a_tampered_body_or_another_key() -> None:
-    header = signature_header(SECRET, PAYLOAD, timestamp=1_700_000_000)
-    at = 1_700_000_001
-    assert not verify_signature(SECRET, header, PAYLOAD.replace(b"done", b"fail"), now=at)
-    assert not verify_signature(SECRET, header, PAYLOAD + b" ", now=at)
-    assert not verify_signature("another-secret", header, PAYLOAD, now=at)
-    moved = header.replace("t=1700000000", "t=1700000001")
+def test_verify_signature_refuses_a_tampered_body_another_key_or_another_id() -> None:
+    headers = signed()
+    at = T + 1
+    assert not verify_signature(SECRET, headers, PAYLOAD.replace(b"done", b"fail"), now=at)
+    assert not verify_signature(SECRET, headers, PAYLOAD + b" ", now=at)
+    assert not verify_signature(OTHER_SECRET, headers, PAYLOAD, now=at)
+    moved = {**headers, "webhook-timestamp": str(T + 1)}
     assert not verify_signature(SECRET, moved, PAYLOAD, now=at), "the timestamp is signed too"
+    other_id = {**headers, "webhook-id": "standard.01Y"}
+    assert not verify_signature(SECRET, other_id, PAYLOAD, now=at), "so is the id"
 
 
 @pytest.mark.parametrize(
-    "header",
+    "change",
     [
-        None,
-        "",
-        "garbage",
-        "t=1700000000",
-        "v1=00ff",
-        "t=soon,v1=00ff",
-        "t=1700000000;v1=00ff",
-        "t=1700000000,v1=",
-        "t=1700000000,v1=é",
+        {"webhook-signature": None},
+        {"webhook-id": None},
+        {"webhook-timestamp": None},
+        {"webhook-timestamp": "soon"},
+        {"webhook-timestamp": "1.7e9"},
+        {"webhook-signature": ""},
+        {"webhook-signature": "garbage"},
+        {"webhook-signature": "v1,"},
+        {"webhook-signature": "v1,é"},
+        {"webhook-signature": "v2,AAAA"},
     ],
 )
-def test_verify_signature_refuses_a_bad_header(header: str | None) -> None:
-    assert not verify_signature(SECRET, header, PAYLOAD, now=1_700_000_000)
+def test_verify_signature_refuses_bad_headers(change: dict[str, str | None]) -> None:
+    headers: dict[str, str] = dict(signed())
+    for name, value in change.items():
+        if value is None:
+            headers.pop(name)
+        else:
+            headers[name] = value
+    assert not verify_signature(SECRET, headers, PAYLOAD, now=T)
 
 
-def test_verify_signature_accepts_any_of_several_v1_during_rotation() -> None:
-    old = signature_header("old-secret", PAYLOAD, timestamp=1_700_000_000)
-    new = signature_header(SECRET, PAYLOAD, timestamp=1_700_000_000).split(",")[1]
-    assert verify_signature(SECRET, f"{old},{new}", PAYLOAD, now=1_700_000_000)
-    assert verify_signature("old-secret", f"{old},{new}", PAYLOAD, now=1_700_000_000)
+def test_verify_signature_accepts_either_secret_during_rotation() -> None:
+    headers = signed([SECRET, OTHER_SECRET])
+    assert len(headers["webhook-signature"].split(" ")) == 2
+    assert verify_signature(SECRET, headers, PAYLOAD, now=T)
+    assert verify_signature(OTHER_SECRET, headers, PAYLOAD, now=T)
+    assert verify_signature([OTHER_SECRET, SECRET], signed([SECRET]), PAYLOAD, now=T)
+    third = "whsec_" + base64.b64encode(b"a third key, not in use").decode()
+    assert not verify_signature(third, headers, PAYLOAD, now=T)
 
 
-def test_sink_for_a_webhook_spec(context: SinkContext) -> None:
-    sink = sink_for(WebhookCallback(url="https://example.com/hook"), context)
+def test_verify_signature_never_raises_on_a_bad_secret() -> None:
+    assert not verify_signature("not base64!", signed(), PAYLOAD, now=T)
+
+
+def test_sink_for_a_named_webhook(context: SinkContext) -> None:
+    sink = sink_for(SinkCallback(sink=HOOK), context)
     assert isinstance(sink, WebhookSink)
     assert sink.max_payload_bytes == 1_000_000
 

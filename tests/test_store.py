@@ -7,7 +7,9 @@ tested against the real clock, with other threads doing the finishing.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
+import json
 import re
 import threading
 import time
@@ -17,9 +19,11 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
+import redis
 from redis.crc import key_slot
 
-from routing.errors import LaneFull, NotFound, ResultTimeout
+from routing.engine.sweep import sweep as sweep_lanes
+from routing.errors import InvalidRequest, LaneFull, NotFound, ResultTimeout, StoreUnavailable
 from routing.keys import new_request_id
 from routing.models import (
     Claimed,
@@ -1198,18 +1202,20 @@ def _slot(key: str) -> int:
 LANE_SCRIPTS = {
     "claim",
     "claim_ids",
+    "dead_letter_add",
+    "dead_letter_adopt",
     "dead_letter_drop",
     "dead_letter_replay",
     "deliver_claim",
     "deliver_done",
-    "drop",
-    "finish",
     "release_idempotency",
-    "requeue",
+    "renew",
     "retry_delivery",
+    "settle",
     "start",
     "submit_many",
     "submit_one",
+    "trim",
 }
 #: Scripts whose keys are a tenant's (custom_id reservations), not a lane's.
 TENANT_SCRIPTS = {"claim_ids", "release_idempotency"}
@@ -1241,6 +1247,12 @@ def test_every_script_touches_one_slot_per_lane(
         store.dlq.replay(c3.id, now=now)
         store.dlq.add(c3.id, BOOM, now=now)
         store.dlq.drop(c3.id)
+        store.trim(lane, now)
+        store.renew_many([(c2.id, c2.token)], lease_s=10, now=now)
+        entry = {"id": c3.id, "lane": lane, "at": now, "error": BOOM.model_dump()}
+        store.redis.hset(store.keys.legacy_dead_letters(), c3.id, json.dumps(entry))
+        assert store.dlq.adopt_legacy() == 1
+        assert store.dlq.drop(c3.id)
         assert {t1.id, t2.id, t3.id} == {c1.id, c2.id, c3.id}
     with pytest.raises(LaneFull):
         store.submit_many(
@@ -1291,3 +1303,375 @@ def test_keys_a_script_builds_itself_share_the_lane_slot(store: LaneStore, now: 
             k.notify(rid),
         ]
         assert {_slot(key) for key in built} == {_slot(k.lane_tag(lane))}
+
+
+# -- stored requests an older version (or a hand edit) left behind ----------------------------
+
+
+def _corrupt(store: LaneStore, request_id: str, score: float | None = None, **fields: str) -> None:
+    """Overwrite fields of a stored request the way an older version or a hand edit would."""
+    store.redis.hset(store.keys.request(request_id), mapping=dict(fields.items()))
+    if score is not None:
+        store.redis.zadd(store.keys.queue(request_id.split(".")[0]), {request_id: score})
+
+
+def _data_with(store: LaneStore, request_id: str, **changes: Any) -> str:
+    raw = store.redis.hget(store.keys.request(request_id), "data")
+    assert raw is not None
+    return json.dumps({**json.loads(raw), **changes})
+
+
+def test_a_bad_stored_request_fails_alone_and_every_lane_is_still_claimed(
+    store: LaneStore, service_config: ServiceConfig, now: float
+) -> None:
+    """Issue 12, "Lanes stop" 1: an infinite deadline that reached the store (stored by an older
+    version as ``deadline=inf``, ``data.deadline=null``) made ``claim`` raise after claim.lua had
+    moved the whole set to CLAIMED, aborting ``claim_lanes`` for every lane, forever. Now each
+    bad one is FAILED with its reason, returned in ``failed``, and delivered like any failure."""
+    good: dict[str, list[str]] = {lane: [] for lane in LANES}
+    bad: dict[str, str] = {}
+    for lane in LANES:
+        for i in range(3):
+            good[lane].append(
+                submit(store, service_config, now, lane=lane, deadline=now + 50 + i).id
+            )
+    # What the old submit_many stored for deadline=inf: "inf" in the hash and the queue, null
+    # in the data; it sorts last in its lane, behind the good ones.
+    rid = submit(store, service_config, now, lane="urgent").id
+    _corrupt(store, rid, float("inf"), deadline="inf", data=_data_with(store, rid, deadline=None))
+    bad[rid] = "deadline"
+    # A hand edit: a deadline that is no number at all, first in its lane's queue.
+    rid = submit(store, service_config, now, lane="standard").id
+    _corrupt(store, rid, 0.0, deadline="null")
+    bad[rid] = "deadline 'null' is not a finite number"
+    # Data that is not JSON, and a count that is not a count.
+    rid = submit(store, service_config, now, lane="bulk", deadline=now + 10).id
+    _corrupt(store, rid, data="{not json")
+    bad[rid] = "invalid"
+    rid = submit(store, service_config, now, lane="bulk", deadline=now + 11).id
+    _corrupt(store, rid, attempts="many")
+    bad[rid] = "attempts 'many' is not a count"
+    # A delayed retry whose deadline went bad: promoted, then failed like the others.
+    rid = submit(store, service_config, now, lane="standard").id
+    store.redis.zrem(store.keys.queue("standard"), rid)
+    store.redis.zrem(store.keys.queue_age("standard"), rid)
+    store.redis.zadd(store.keys.delayed("standard"), {rid: now - 1})
+    _corrupt(store, rid, deadline="nan")
+    bad[rid] = "deadline 'nan' is not a finite number"
+    check_counts(store)
+
+    claimed = store.claim_lanes(service_config.lanes, 100, lease_s=60, now=now)
+
+    assert sorted(c.id for c in claimed) == sorted(r for ids in good.values() for r in ids)
+    assert sorted(claimed.failed) == sorted(bad)
+    for rid, why in bad.items():
+        status = store.status(rid)
+        assert (status.state, status.outcome) == (State.FAILED, State.FAILED)
+        assert status.error is not None and status.error.code == store_lanes.INVALID_STORED
+        assert why in status.error.message, status.error.message
+    assert {rid for lane in LANES for rid in store.due_deliveries(lane, now)} == set(bad)
+    for lane in LANES:
+        assert store.lane_stats(lane).depth == 0
+    check_counts(store)
+
+    # Delivered like any failure, by the delivery step every route uses.
+    from routing.engine.deliver import run_deliveries
+
+    def no_sink(spec: Any) -> Any:
+        raise AssertionError(f"these requests have no callback, yet a sink was built: {spec}")
+
+    outcomes = run_deliveries(
+        store, claimed.failed, sinks=no_sink, max_attempts=3, lease_s=30, now=now + 1
+    )
+    assert {rid: o.status for rid, o in outcomes.items()} == dict.fromkeys(bad, "delivered")
+    for rid in bad:
+        result = store.result(rid)
+        assert result is not None and result.delivered and result.status is State.FAILED
+    check_counts(store)
+
+
+def test_a_bad_stored_request_keeps_its_callback_for_delivery(
+    store: LaneStore, service_config: ServiceConfig, now: float
+) -> None:
+    """Failed at its claim, an old version's request still reaches the sink it named."""
+    callback = {"kind": "celery", "task": "app.save_answer", "queue": "answers"}
+    rid = submit(store, service_config, now, callback=callback).id
+    _corrupt(store, rid, float("inf"), deadline="inf", data=_data_with(store, rid, deadline=None))
+    claimed = store.claim("standard", 5, lease_s=60, now=now)
+    assert (list(claimed), claimed.failed) == ([], [rid])
+    request, result = store.finished_many([rid])[rid]
+    assert request.callback is not None and request.callback.model_dump() == callback
+    assert result.status is State.FAILED and result.error is not None
+    assert result.deadline == 0.0, "a stored number that is no number reads as 0, never raises"
+
+
+def test_transitions_of_a_request_with_a_bad_deadline_never_stop_halfway(
+    store: LaneStore, service_config: ServiceConfig, now: float
+) -> None:
+    """A leased request whose stored deadline is not a number (an older version's): finish and
+    requeue compared or queued it and stopped halfway (Lua errors do not roll back), leaving a
+    state the counts did not know. Now each completes, and a requeued one fails at its claim."""
+    done, retried = submit(store, service_config, now).id, submit(store, service_config, now).id
+    first, second = store.claim("standard", 2, lease_s=60, now=now)
+    for rid in (done, retried):
+        _corrupt(store, rid, deadline="null")
+    by_id = {first.id: first, second.id: second}
+    body = StoredResult.model_validate({"body": {"ok": 1}})
+    assert store.finish(done, by_id[done].token, State.DONE, body, now=now + 1)
+    assert store.requeue(retried, by_id[retried].token, BOOM, now=now + 1) is State.QUEUED
+    check_counts(store)
+    again = store.claim("standard", 5, lease_s=60, now=now + 2)
+    assert (list(again), again.failed) == ([], [retried])
+    assert store.status(done).state is State.DONE
+    check_counts(store)
+
+
+def test_submit_refuses_numbers_redis_cannot_order_before_writing_anything(
+    store: LaneStore, service_config: ServiceConfig, now: float
+) -> None:
+    """``Prepared`` refuses inf and NaN; a request built without validation must not reach
+    Redis either (the old store wrote inf as null, and NaN left a hash in no queue)."""
+    good = make(service_config, now, custom_id="c-1")
+    for field, value in (
+        ("deadline", float("inf")),
+        ("deadline", float("nan")),
+        ("created_at", float("-inf")),
+        ("max_attempts", 0),
+    ):
+        item = good.model_copy(update={field: value})
+        with pytest.raises(InvalidRequest) as many:
+            store.submit_many([item], service_config, now=now)
+        with pytest.raises(InvalidRequest) as one:
+            store.submit_one(item, service_config, now=now)
+        assert many.value.field == one.value.field == field
+    assert list(store.redis.scan_iter(match=f"{store.keys.ns}:*")) == [store.keys.config().encode()]
+
+
+@pytest.mark.parametrize("deadline", ["inf", "-inf", "nan", "null", "1e999"])
+def test_the_submit_scripts_write_nothing_for_a_deadline_that_is_no_number(
+    store: LaneStore, service_config: ServiceConfig, now: float, deadline: str
+) -> None:
+    """The scripts check too (any client may call them): no hash, no queue entry, no count."""
+    item = make(service_config, now)
+    k = store.keys
+    rid = new_request_id("standard", now)
+    row = [rid, deadline, "default", "", 3, item.model_dump_json()]
+    codes = store.scripts["submit_many"](
+        keys=[k.queue("standard"), k.queue_age("standard"), k.counts("standard")],
+        args=[0, repr(now), State.QUEUED.value, k.request_prefix("standard"), json.dumps([row])],
+    )
+    assert codes == [-2]
+    keys, args = store.submit_one_call(item, rid, service_config, now)
+    args[1] = deadline
+    assert store.scripts["submit_one"](keys=keys, args=args) == [-2]
+    assert list(store.redis.scan_iter(match=f"{store.keys.ns}:*")) == [store.keys.config().encode()]
+
+
+def test_a_custom_id_is_not_kept_for_a_year(
+    store: LaneStore, service_config: ServiceConfig, now: float
+) -> None:
+    """The idempotency key lived until the deadline plus the result TTL: a year-away deadline
+    kept it a year. Now its wait is capped (``IDEMPOTENCY_WAIT_MAX_S``)."""
+    far = make(service_config, now, custom_id="far", deadline=now + 300 * 86400)
+    near = make(service_config, now, custom_id="near", deadline=now + 600)
+    store.submit_many([far], service_config, now=now)
+    store.submit_one(near, service_config, now=now)
+    far_ttl = store.redis.ttl(store.keys.idempotency("default", "far"))
+    near_ttl = store.redis.ttl(store.keys.idempotency("default", "near"))
+    assert far_ttl < 60 * 86400, f"kept {far_ttl / 86400:.0f} days"
+    ceiling = store_submit.IDEMPOTENCY_WAIT_MAX_S + store.result_ttl_s + 3600
+    assert ceiling - 5 <= far_ttl <= ceiling
+    assert near_ttl == pytest.approx(600 + store.result_ttl_s + 3600, abs=5)
+
+
+# -- one script per transition: a worker that dies midway leaves nothing half done -----------
+
+#: Commands that change nothing; every other one is a write a crash may fall after.
+READS = {"EXISTS", "GET", "HEXISTS", "HGET", "HGETALL", "HLEN", "HMGET", "HVALS", "SCRIPT LOAD"}
+READS |= {"SMEMBERS", "TTL", "TYPE", "ZCARD", "ZRANGE", "ZRANGEBYSCORE", "ZSCORE"}
+
+
+@contextlib.contextmanager
+def crash_after(store: LaneStore, writes: int) -> Iterator[None]:
+    """The worker dies once ``writes`` commands that change Redis have run: every later command
+    raises, as a process killed between two round trips of one transition would never send it."""
+    real = store.redis.execute_command
+    done = [0]
+
+    def execute(*args: Any, **options: Any) -> Any:
+        if done[0] >= writes:
+            raise redis.ConnectionError("the worker died")
+        out = real(*args, **options)
+        if str(args[0]).upper() not in READS:
+            done[0] += 1
+        return out
+
+    store.redis.execute_command = execute  # type: ignore[method-assign]
+    try:
+        with contextlib.suppress(StoreUnavailable):
+            yield
+    finally:
+        store.redis.execute_command = real  # type: ignore[method-assign]
+
+
+def _filed(store: LaneStore, rid: str) -> tuple[bool, bool, int, bool]:
+    """(listed, flagged on the request, the lane's count, in the outbox) of a dead letter."""
+    listed = rid in [e["id"] for e in store.dlq.entries()]
+    flagged = store.redis.hget(store.keys.request(rid), "dead_letter") is not None
+    count = store.lane_stats("standard").counts.get("dead_letters", 0)
+    outbox = store.redis.zscore(store.keys.outbox("standard"), rid) is not None
+    return listed, flagged, count, outbox
+
+
+FILED = (True, True, 1, False)
+NOT_FILED = (False, False, 0, True)
+FORGOTTEN = (False, False, 0, False)
+
+
+def _running_last_attempt(store: LaneStore, config: ServiceConfig, now: float) -> Claimed:
+    submit(store, config, now, max_attempts=1)
+    claimed = claim_one(store, "standard", now)
+    assert store.start(claimed, state=State.RUNNING, route=Route.REALTIME, lease_s=60, now=now)
+    return claimed
+
+
+def _given_up(store: LaneStore, rid: str) -> tuple[State, bool, bool, str | None]:
+    """(state, holds a lease, in the outbox, the stored error's message) of a retried request."""
+    result = store.result(rid)
+    return (
+        store.status(rid).state,
+        store.redis.zscore(store.keys.leases("standard"), rid) is not None,
+        store.redis.zscore(store.keys.outbox("standard"), rid) is not None,
+        result.error.message if result is not None and result.error is not None else None,
+    )
+
+
+@pytest.mark.parametrize("writes", [0, 1, 2, 3])
+def test_requeue_past_the_last_attempt_is_one_step(
+    store: LaneStore, service_config: ServiceConfig, now: float, writes: int
+) -> None:
+    """Issue 12, "Lanes stop" 5: requeue.lua said "attempts used up", then Python read the
+    attempts, then finish.lua failed it: a worker that died between left the request RUNNING
+    with no result. Now one script stores the FAILED result ("gave up after N attempts", the
+    shape ``StoredResult(status_code, error=...)``) and queues its delivery; whatever the crash
+    point, the request is either still running or failed in full."""
+    claimed = _running_last_attempt(store, service_config, now)
+    with crash_after(store, writes):
+        store.requeue(claimed.id, claimed.token, BOOM, now=now + 1)
+    gave_up = "upstream 503 (gave up after 1 attempts)"
+    assert _given_up(store, claimed.id) in (
+        (State.RUNNING, True, False, None),
+        (State.FAILED, False, True, gave_up),
+    )
+    if writes:
+        result = store.result(claimed.id)
+        assert result is not None and result.status_code == 503
+        assert result.error == BOOM.model_copy(update={"message": gave_up})
+    check_counts(store)
+
+
+@pytest.mark.parametrize("writes", [0, 1, 2, 3])
+def test_filing_a_dead_letter_is_one_step(
+    store: LaneStore, service_config: ServiceConfig, now: float, writes: int
+) -> None:
+    """``dead_letter`` ran deliver_done.lua, then a separate HSET into the list: a worker that
+    died between left the request out of the outbox and out of the list, never retried and
+    never listed. Now one script leaves the outbox and files the entry."""
+    rid = _finished(store, service_config, now)
+    store.claim_delivery(rid, lease_s=30, now=now)
+    with crash_after(store, writes):
+        store.dlq.add(rid, BOOM, now=now + 1)
+    assert _filed(store, rid) in (NOT_FILED, FILED)
+    if writes >= 2:
+        assert _filed(store, rid) == FILED
+
+
+@pytest.mark.parametrize("writes", [0, 1, 2, 3])
+@pytest.mark.parametrize("action", ["replay", "drop"])
+def test_replaying_or_dropping_a_dead_letter_is_one_step(
+    store: LaneStore, service_config: ServiceConfig, now: float, action: str, writes: int
+) -> None:
+    """Replay ran its script, then removed the list's entry; drop removed the entry, then ran
+    its script. A crash between listed a replayed request as dead, or left a dropped one
+    flagged and counted. Now each is one script: before or after, never between."""
+    rid = _finished(store, service_config, now)
+    store.claim_delivery(rid, lease_s=30, now=now)
+    assert store.dlq.add(rid, BOOM, now=now + 1)
+    with crash_after(store, writes):
+        if action == "replay":
+            store.dlq.replay(rid, now=now + 2)
+        else:
+            store.dlq.drop(rid)
+    after = (False, False, 0, True) if action == "replay" else FORGOTTEN
+    assert _filed(store, rid) in (FILED, after)
+    if writes:
+        assert _filed(store, rid) == after
+
+
+def _dead_letter_counts_match(store: LaneStore, lane: str = "standard") -> None:
+    listed = [e["id"] for e in store.dlq.entries() if e["lane"] == lane]
+    flagged = [rid for rid in listed if store.redis.hget(store.keys.request(rid), "dead_letter")]
+    assert store.lane_stats(lane).counts.get("dead_letters", 0) == len(listed) == len(flagged)
+
+
+def test_dead_letters_keep_the_count_whatever_the_order_of_calls(
+    store: LaneStore, service_config: ServiceConfig, now: float
+) -> None:
+    """Filed twice, replayed twice, dropped twice: the lane's count is always the number listed."""
+    a, b = _finished(store, service_config, now), _finished(store, service_config, now)
+    for rid in (a, b):
+        store.claim_delivery(rid, lease_s=30, now=now)
+        assert store.dlq.add(rid, BOOM, now=now + 1)
+        assert not store.dlq.add(rid, BOOM, now=now + 1), "out of the outbox already"
+    _dead_letter_counts_match(store)
+    assert store.dlq.replay(a, now=now + 2) is True
+    assert store.dlq.replay(a, now=now + 2) is None
+    _dead_letter_counts_match(store)
+    assert store.dlq.count() == 1
+    assert store.dlq.drop(b) and not store.dlq.drop(b)
+    assert store.dlq.count() == 0
+    assert store.lane_stats("standard").counts["dead_letters"] == 0
+
+
+def test_the_sweeper_forgets_dead_letters_whose_result_expired(
+    store: LaneStore, service_config: ServiceConfig, now: float
+) -> None:
+    """The dead-letter list had no TTL and no cap. A dead letter is now kept while its result
+    (what a replay would send) is: ``trim`` forgets those filed ``result_ttl_s`` ago."""
+    old, recent = _finished(store, service_config, now), _finished(store, service_config, now)
+    for rid, at in ((old, now), (recent, now + 100)):
+        store.claim_delivery(rid, lease_s=30, now=at)
+        assert store.dlq.add(rid, BOOM, now=at)
+    assert store.trim("standard", now + store.result_ttl_s - 1) == (0, 0)
+    assert store.trim("standard", now + store.result_ttl_s + 1) == (0, 1)
+    assert [e["id"] for e in store.dlq.entries()] == [recent]
+    assert store.redis.hget(store.keys.request(old), "dead_letter") is None
+    _dead_letter_counts_match(store)
+    assert store.trim("standard", now + store.result_ttl_s + 101) == (0, 1)
+    assert store.dlq.entries() == []
+    _dead_letter_counts_match(store)
+
+
+def test_dead_letters_an_older_version_kept_in_one_list_are_moved_into_their_lanes(
+    store: LaneStore, service_config: ServiceConfig, now: float
+) -> None:
+    """Key names are data: the single list (``ns:dlq``) an older version filed into is read by
+    the sweeper and each entry filed in its lane, counted once, and replayable as before."""
+    rid = _finished(store, service_config, now)
+    store.claim_delivery(rid, lease_s=30, now=now)
+    # What the older version's dead_letter left: out of the outbox, flagged and counted on the
+    # request's lane, its entry in the one list.
+    store.redis.zrem(store.keys.outbox("standard"), rid)
+    store.redis.hset(store.keys.request(rid), mapping={"dead_letter": "1"})
+    store.redis.hincrby(store.keys.counts("standard"), "dead_letters", 1)
+    entry = {"id": rid, "lane": "standard", "at": now + 1, "error": BOOM.model_dump()}
+    store.redis.hset(store.keys.legacy_dead_letters(), rid, json.dumps(entry))
+
+    sweep_lanes(store, service_config.lanes, now + 2, lambda ids: None)
+    assert store.dlq.entries() == [entry]
+    assert store.redis.exists(store.keys.legacy_dead_letters()) == 0
+    _dead_letter_counts_match(store)
+    assert store.dlq.adopt_legacy() == 0, "once"
+    assert store.dlq.replay(rid, now=now + 3) is True
+    assert store.due_deliveries("standard", now + 3) == [rid]
+    _dead_letter_counts_match(store)

@@ -10,7 +10,7 @@ the result is delivered.
                               the useful value (a vector, a text) from a provider-shaped body
     routing.contrib.common    the settings both read, ``PendingRequest``, building a request
     routing.contrib.django    a Django app: ``settings.MIXBATCH``, ``enqueue`` on
-                              ``transaction.on_commit``, the ``mixbatch.django.store_answer`` task
+                              ``transaction.on_commit``, the ``mixbatch_django.store_answer`` task
     routing.contrib.flask     a Flask extension (``init_app``) over SQLAlchemy Core tables
 
 Like ``routing.client``, nothing here imports mixbatch's ``config`` or ``tasks`` packages (a

@@ -10,11 +10,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Any
 
+from routing.callbacks import reserved_celery_name
 from routing.client import Client
 from routing.contrib.answers import Target
 from routing.models import Ticket
@@ -22,15 +24,20 @@ from routing.models import Ticket
 __all__ = [
     "BOOKKEEPING_FIELDS",
     "DEFAULT_CALLBACK_QUEUE",
+    "ENQUEUE_QUEUE",
+    "ENQUEUE_TASK",
     "SETTING_NAMES",
     "IntegrationSettings",
     "PendingRequest",
     "build_request",
+    "enqueue_options",
     "request_digest",
+    "request_summary",
+    "send_enqueue",
     "settings_from",
 ]
 
-DEFAULT_CALLBACK_QUEUE = "mixbatch.callbacks"
+DEFAULT_CALLBACK_QUEUE = "mixbatch_answers"
 #: The settings, by their Django key (Flask prefixes each with ``MIXBATCH_``).
 SETTING_NAMES = ("REDIS_URL", "NAMESPACE", "TENANT", "LANE", "CALLBACK_TASK", "CALLBACK_QUEUE")
 #: Optional fields (Django) or columns (Flask) the default writers fill when a row has them:
@@ -80,6 +87,14 @@ def settings_from(
             return default
         if not isinstance(value, str):
             raise TypeError(f"{where(name)} must be a string, not {value!r}")
+        reserved = reserved_celery_name(value) if name.startswith("CALLBACK_") else None
+        if reserved is not None:
+            # The service refuses to send a result into its own or Celery's namespace.
+            ready = default_task if name == "CALLBACK_TASK" else DEFAULT_CALLBACK_QUEUE
+            raise TypeError(
+                f"{where(name)}: {value!r} is in {reserved}, where the service sends nothing; "
+                f"name your app's own (the default is {ready!r})"
+            )
         return value
 
     return IntegrationSettings(
@@ -155,3 +170,45 @@ def build_request(
     optional = {"model": model, "deadline": deadline, "max_attempts": max_attempts}
     request.update({k: v for k, v in optional.items() if v is not None})
     return request
+
+
+#: The task a producer with only a Celery app sends requests to, and the queue it listens on.
+ENQUEUE_TASK = "mixbatch.enqueue"
+ENQUEUE_QUEUE = "mixbatch.control"
+#: Fields that say which request it is, never what it asks (no body, metadata or callback).
+SUMMARY_FIELDS = ("lane", "tenant", "custom_id", "endpoint", "model")
+_SUMMARY_VALUE = re.compile(r"^[A-Za-z0-9_.:/@+-]{1,200}$")
+
+
+def request_summary(request: Mapping[str, Any]) -> str:
+    """``lane=... custom_id=...``: what a log line, the broker's headers and Flower may show of
+    a request. A value outside a plain character set is left out, since it is not validated yet
+    (the request is checked when the task runs)."""
+    parts = [
+        f"{name}={value}"
+        for name in SUMMARY_FIELDS
+        if isinstance(value := request.get(name), str) and _SUMMARY_VALUE.match(value)
+    ]
+    return " ".join(parts) if parts else "request=hidden"
+
+
+def enqueue_options(request: Mapping[str, Any], *, queue: str = ENQUEUE_QUEUE) -> dict[str, Any]:
+    """``send_task`` keyword arguments that enqueue ``request`` through ``mixbatch.enqueue``.
+
+    Celery's default ``argsrepr`` is the ``repr`` of the arguments: the request's whole body, in
+    the message's headers, in the ``task-sent`` event Flower shows and in the worker's log. The
+    summary goes there instead; the body travels only as the argument itself.
+    """
+    return {
+        "args": [dict(request)],
+        "queue": queue,
+        "argsrepr": request_summary(request),
+        "kwargsrepr": "{}",
+    }
+
+
+def send_enqueue(celery_app: Any, request: Mapping[str, Any], **options: Any) -> Any:
+    """``celery_app.send_task("mixbatch.enqueue", ...)`` with the request's summary as argsrepr;
+    ``options`` (``queue``, ``priority``, ...) are passed on. Returns Celery's ``AsyncResult``."""
+    sent = {**enqueue_options(request), **options}
+    return celery_app.send_task(ENQUEUE_TASK, **sent)

@@ -11,7 +11,7 @@
         app.config["MIXBATCH_REDIS_URL"] = "redis://..."
         app.config["MIXBATCH_CALLBACK_QUEUE"] = "myapp.callbacks"
         mixbatch.init_app(app, engine=sa.create_engine("sqlite:///db.sqlite3"))
-        mixbatch.callback_task(celery_app, app=app)  # registers mixbatch.flask.store_answer
+        mixbatch.callback_task(celery_app, app=app)  # registers mixbatch_flask.store_answer
         return app
 
     # a view
@@ -32,8 +32,8 @@ Settings (``app.config``), all optional, None or "" meaning the default:
     MIXBATCH_NAMESPACE        the service's MIXBATCH_NAMESPACE, default "mb"
     MIXBATCH_TENANT           default "default"
     MIXBATCH_LANE             default lane of enqueue(), default "standard"
-    MIXBATCH_CALLBACK_TASK    default "mixbatch.flask.store_answer"
-    MIXBATCH_CALLBACK_QUEUE   the queue the app's worker consumes, default "mixbatch.callbacks"
+    MIXBATCH_CALLBACK_TASK    default "mixbatch_flask.store_answer"
+    MIXBATCH_CALLBACK_QUEUE   the queue the app's worker consumes, default "mixbatch_answers"
 
 ``docs/flask.md`` walks through it with a runnable example app.
 """
@@ -84,7 +84,7 @@ __all__ = [
 
 log = logging.getLogger("routing.contrib.flask")
 
-DEFAULT_CALLBACK_TASK = "mixbatch.flask.store_answer"
+DEFAULT_CALLBACK_TASK = "mixbatch_flask.store_answer"
 APPLIED_TABLE = "mixbatch_applied"
 #: ``write(conn, table, answer)``: write an answer into its row inside the open transaction.
 Writer = Callable[[sa.Connection, sa.Table, Answer], None]
@@ -439,7 +439,7 @@ class Mixbatch:
         """Register the ready callback task on the app's Celery app, and return it.
 
         Its name is ``name``, else ``MIXBATCH_CALLBACK_TASK`` of ``app``, else
-        ``mixbatch.flask.store_answer``. It runs ``apply_result`` in an app context: ``app``'s
+        ``mixbatch_flask.store_answer``. It runs ``apply_result`` in an app context: ``app``'s
         when given, else the one the Celery app's task class provides (Flask's documented
         ``FlaskTask`` pattern). It retries a locked or unreachable database with backoff,
         never waiting more than a minute (long countdowns on a Redis broker risk redelivery).

@@ -5,7 +5,7 @@ retryable error -> back to its lane (the route choice then picks realtime if the
 near); a non-retryable error -> FAILED with the provider's message. Lines missing from the
 results are requeued. A batch refused at validation fails the lines it names and resubmits the
 others. Re-applying a line is harmless: each finish checks the lease token, so a second
-collector of the same batch changes nothing.
+collector of the same batch (after the first one's collect lease ran out) changes nothing.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import logging
 
 from routing.engine.batch_handles import BatchHandles, fail, requeue
 from routing.errors import MixbatchError
+from routing.faults import fault_point
 from routing.models import ErrorInfo, Prepared, Route, StoredResult
 from routing.providers.batch_jobs import BatchJob, BatchStatus, LineResult
 from routing.states import State
@@ -49,7 +50,9 @@ def collect(h: BatchHandles, record: BatchRecord, job: BatchJob) -> dict[str, in
     requests = {rid: found[0] for rid, found in holders.items()}
     pending = _Finishes(h, record)
     seen: set[str] = set()
-    for line in adapter.results(job):
+    for number, line in enumerate(adapter.results(job)):
+        if number == 0:
+            fault_point("download")
         group = record.members.get(line.custom_id)
         if group is None:
             log.warning(
@@ -163,6 +166,7 @@ class _Finishes:
         if to_sink:
             h.dispatch(to_sink)
         self.items, self.priced, self.requests = [], [], []
+        fault_point("apply")
 
 
 def _collect_validation(

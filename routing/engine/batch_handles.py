@@ -11,14 +11,18 @@ provider's usage) rather than the table.
 
 from __future__ import annotations
 
+import logging
+import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
 from routing.decide.backoff import RetryPolicy, backoff_s
 from routing.decide.options import RouteOptions
 from routing.decide.planner import ANTHROPIC_CAPS, OPENAI_CAPS, BatchCaps
+from routing.errors import MixbatchError
 from routing.models import ErrorInfo, Prepared, Route, StoredResult
 from routing.providers.batch import BatchAdapter
 from routing.states import BATCH_HELD, State
@@ -32,14 +36,19 @@ __all__ = [
     "BatchSettings",
     "Holders",
     "batch_caps",
+    "beating",
     "fail",
     "held",
     "poll_delay_s",
     "requeue",
 ]
 
+log = logging.getLogger(__name__)
+
 #: Each look at a running batch waits this much longer than the one before.
 POLL_GROWTH = 1.5
+#: Beats per grace: a worker renews what it works on this many times before it could look dead.
+BEATS_PER_GRACE = 4
 
 #: Request id -> (request, state, lease token), as ``LaneStore.holders`` reads them.
 Holders = Mapping[str, tuple[Prepared, State, str]]
@@ -56,6 +65,10 @@ class BatchSettings:
     poll_max_interval_s: float
     delete_files: bool
     submit_windows: tuple[str, ...] = ()
+    #: A take or an intent whose worker has not beaten for this long is reconciled.
+    intent_grace_s: float = 60.0
+    #: How long one collector holds a finished batch before another may take it over.
+    collect_lease_s: float = 300.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,3 +138,35 @@ def requeue(h: BatchHandles, request_id: str, token: str, info: ErrorInfo) -> St
     if state is State.FAILED:
         h.dispatch([request_id])
     return state
+
+
+@contextmanager
+def beating(
+    h: BatchHandles,
+    *,
+    takes: Iterable[str] = (),
+    intents: Iterable[str] = (),
+    reaping: Iterable[str] = (),
+) -> Iterator[None]:
+    """Renew, from a thread, the beat of what the block works on, so that only a dead worker's
+    take or intent looks stale: an upload may take longer than the grace, a step cannot beat
+    in the middle of it. A failed renewal is logged; the next one may succeed.
+    """
+    names = {"takes": list(takes), "intents": list(intents), "reaping": list(reaping)}
+    stop = threading.Event()
+    every_s = h.settings.intent_grace_s / BEATS_PER_GRACE
+
+    def run() -> None:
+        while not stop.wait(every_s):
+            try:
+                h.registry.beat(h.clock(), **names)
+            except MixbatchError as exc:
+                log.warning("batch beat failed", extra={"error": str(exc), **names})
+
+    thread = threading.Thread(target=run, name="mixbatch-batch-beat", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()

@@ -3,7 +3,8 @@
 The model runner is a handle (``gpu_worker``'s registry, wired in by the gpu task): this module
 maps what it answers onto outcomes. An answer is DONE; a 5xx (out of memory, an internal
 failure) goes back to its lane, since the same request may well succeed later; any other error
-is FAILED with the runner's code and message.
+is FAILED with the runner's code and message. The micro-batch's leases are renewed while the
+model runs (``routing.engine.claims.Heartbeat``), so a batch slower than the lease is not run twice.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from routing.decide.options import LOCAL_PROVIDER
+from routing.engine.claims import Heartbeat
+from routing.faults import fault_point
 from routing.models import Claimed, ErrorInfo, StoredResult
 from routing.states import State
 from routing.store.lanes import LaneStore
@@ -45,6 +48,11 @@ class LocalAnswer(Protocol):
 Runner = Callable[[Sequence[Claimed]], Sequence[LocalAnswer]]
 
 
+#: A micro-batch takes milliseconds to seconds; one still running after this long is stuck, and
+#: its leases are left to run out so that another worker takes the requests over.
+MAX_BATCH_S = 600.0
+
+
 @dataclass(frozen=True)
 class LocalOutcome:
     finished: list[str]
@@ -52,12 +60,21 @@ class LocalOutcome:
 
 
 def run_local(
-    store: LaneStore, started: Sequence[Claimed], run: Runner, now: Callable[[], float]
+    store: LaneStore,
+    started: Sequence[Claimed],
+    run: Runner,
+    now: Callable[[], float],
+    *,
+    lease_s: float,
+    max_hold_s: float | None = MAX_BATCH_S,
 ) -> LocalOutcome:
-    """Run ``started`` through the model, then store every outcome in one round trip."""
+    """Run ``started`` through the model, leases renewed meanwhile (for at most ``max_hold_s``),
+    then store every outcome in one round trip."""
     if not started:
         return LocalOutcome([], 0)
-    answers = run(started)
+    with Heartbeat(store, started, lease_s=lease_s, now=now, max_hold_s=max_hold_s):
+        answers = run(started)
+    fault_point("local")  # answered, not yet stored: the batch runs again elsewhere
     at = now()
     finishes: list[tuple[str, str, State, StoredResult]] = []
     requeued = 0

@@ -1,10 +1,13 @@
 """The realtime route: call a provider's synchronous endpoint for started requests.
 
 One request's step: wait for a slot of the provider's semaphore (shared by every process),
-call with retries inside a time budget, then finish it (answer priced, totals added) or, on a
-retryable error, put it back in its lane after the provider's Retry-After or the shared
-backoff. Latency and rate-limit headroom are recorded for the route choice. Errors are told
-apart by type only (``routing.errors``): a ``RateLimited`` is a 429 wherever it came from.
+call with retries, then finish it (answer priced, totals added) or, on a retryable error, put it
+back in its lane after the provider's Retry-After or the shared backoff. The slot wait and the
+tries share one time budget: each try's timeout is what the wait left. The leases of a chunk's
+requests are renewed by a heartbeat while it runs, so a call slower than the lease is neither
+requeued under the worker (and paid twice) nor charged an attempt. Latency and rate-limit
+headroom are recorded for the route choice. Errors are told apart by type only
+(``routing.errors``): a ``RateLimited`` is a 429 wherever it came from.
 """
 
 from __future__ import annotations
@@ -17,9 +20,11 @@ from dataclasses import dataclass
 
 from routing.decide.backoff import RetryPolicy, backoff_s
 from routing.decide.cost import PriceTable
+from routing.engine.claims import Heartbeat
 from routing.engine.clock import Clock
 from routing.engine.pricing import price
 from routing.errors import MixbatchError, ProviderError, RateLimited
+from routing.faults import fault_point
 from routing.models import Claimed, ErrorInfo, Route, StoredResult
 from routing.providers import RealtimeAdapter, call_with_retries
 from routing.providers.base import ProviderResponse
@@ -58,19 +63,31 @@ def error_info(exc: MixbatchError) -> ErrorInfo:
 
 
 def run_all(
-    rt: Realtime, started: Sequence[Claimed], *, budget_s: float, concurrency: int
+    rt: Realtime,
+    started: Sequence[Claimed],
+    *,
+    budget_s: float,
+    lease_s: float,
+    concurrency: int,
 ) -> list[str]:
-    """Run started requests concurrently; the ids that reached an outcome, to deliver."""
+    """Run started requests concurrently, their leases renewed meanwhile; the ids that reached
+    an outcome, to deliver. No request runs past ``budget_s``, so the renewing stops then."""
     if not started:
         return []
-    with ThreadPoolExecutor(max_workers=min(len(started), concurrency)) as pool:
+    beat = Heartbeat(
+        rt.store, started, lease_s=lease_s, now=rt.clock.time, max_hold_s=budget_s + SLOT_SLACK_S
+    )
+    with beat, ThreadPoolExecutor(max_workers=min(len(started), concurrency)) as pool:
         outcomes = list(pool.map(lambda c: run_one(rt, c, budget_s), started))
     finished = (State.DONE, State.FAILED)
     return [c.id for c, o in zip(started, outcomes, strict=True) if o in finished]
 
 
 def run_one(rt: Realtime, claimed: Claimed, budget_s: float) -> State | None:
-    """One request, start to outcome: the state it ended in (None: its lease was lost)."""
+    """One request, start to outcome: the state it ended in (None: its lease was lost).
+
+    ``budget_s`` covers the slot wait and every try together.
+    """
     account, req = rt.adapter.account, claimed.request
     sem = RedisSemaphore(
         rt.store.redis,
@@ -86,12 +103,13 @@ def run_one(rt: Realtime, claimed: Claimed, budget_s: float) -> State | None:
                 req.endpoint,
                 req.body,
                 policy=rt.policy,
-                budget_s=budget_s,
+                budget_s=max(0.0, started + budget_s - rt.clock.monotonic()),
                 sleep=rt.clock.sleep,
                 clock=rt.clock.monotonic,
             )
     except MixbatchError as exc:
         return _failed(rt, claimed, exc)
+    fault_point("realtime")  # answered, not yet stored: a crash here is a call paid twice
     rt.observations.record_realtime(
         account.name,
         req.model,

@@ -1,8 +1,10 @@
-"""The sweep: reclaim expired leases, apply deadline policy, re-send lost deliveries.
+"""The sweep: reclaim expired leases, apply deadline policy, re-send lost deliveries, and forget
+what expired.
 
 What makes a lost Celery message harmless: a request whose worker died goes back to its lane
 (its attempt counted), one whose lane expires overdue requests is dropped, and a finished
-request whose deliver message vanished is sent again.
+request whose deliver message vanished is sent again. What keeps Redis bounded: each lane's
+index of finished requests and its dead letters are trimmed as their results expire.
 """
 
 from __future__ import annotations
@@ -35,8 +37,12 @@ def sweep(
     now: float,
     dispatch: Callable[[Sequence[str]], None],
 ) -> dict[str, int]:
-    """One pass over every lane; counts of what it did. ``dispatch`` sends deliveries."""
+    """One pass over every lane; counts of what it did to requests. ``dispatch`` sends
+    deliveries. Index entries and dead letters whose results expired are forgotten as well
+    (``LaneStore.trim``); how many is logged, not returned."""
     report = {"requeued": 0, "failed": 0, "expired": 0, "redelivered": 0}
+    forgotten = 0
+    store.dlq.adopt_legacy()  # dead letters an older version kept in one list for all lanes
     for lane in lanes:
         for rid in store.expired_leases(lane.name, now):
             state = store.requeue(rid, "*", LEASE_EXPIRED, now=now)
@@ -53,7 +59,8 @@ def sweep(
         due = store.due_deliveries(lane.name, now - REDELIVER_GRACE_S)
         dispatch(due)
         report["redelivered"] += len(due)
+        forgotten += sum(store.trim(lane.name, now))
     store.beat(now)
-    if any(report.values()):
-        log.info("swept", extra=report)
+    if any(report.values()) or forgotten:
+        log.info("swept", extra={**report, "forgotten": forgotten})
     return report

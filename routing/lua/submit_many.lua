@@ -4,15 +4,23 @@
 -- ARGV[5] JSON array of [id, deadline, tenant, custom_id, max_attempts, data (json text)]
 -- (one argument for the whole chunk: packing thousands of small arguments costs the client
 -- more than the script itself). Request hashes are built from the prefix: same lane slot.
--- returns one code per request: 1 created, 0 already there, -1 lane full
+-- returns one code per request: 1 created, 0 already there, -1 lane full, -2 its deadline or
+--   max_attempts is not a finite number (nothing written for it: Redis cannot order it)
 local cap = tonumber(ARGV[1])
 local depth = redis.call('ZCARD', KEYS[1])
 local rows = cjson.decode(ARGV[5])
 local out = {}
 local created = 0
+local function sound(r)
+  local deadline, attempts = tonumber(r[2]), tonumber(r[5])
+  return deadline and deadline == deadline and deadline ~= math.huge and deadline ~= -math.huge
+    and attempts and attempts == math.floor(attempts) and attempts >= 1
+end
 for i, r in ipairs(rows) do
   local key = ARGV[4] .. r[1]
-  if redis.call('EXISTS', key) == 1 then
+  if not sound(r) then
+    out[i] = -2
+  elseif redis.call('EXISTS', key) == 1 then
     out[i] = 0
   elseif cap > 0 and depth >= cap then
     out[i] = -1

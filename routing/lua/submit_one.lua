@@ -5,7 +5,13 @@
 -- KEYS[2] req  KEYS[3] q  KEYS[4] qage  KEYS[5] counts
 -- ARGV[1] id  ARGV[2] deadline  ARGV[3] data  ARGV[4] max_queued  ARGV[5] now  ARGV[6] tenant
 -- ARGV[7] custom_id  ARGV[8] max_attempts  ARGV[9] QUEUED  ARGV[10] idem value  ARGV[11] idem ttl
--- returns {1} created, {0, existing idem value} duplicate, {-1} lane full
+-- returns {1} created, {0, existing idem value} duplicate, {-1} lane full, {-2} the deadline or
+--   max_attempts is not a finite number (nothing written: Redis cannot order such a request)
+local deadline, attempts = tonumber(ARGV[2]), tonumber(ARGV[8])
+if not deadline or deadline ~= deadline or deadline == math.huge or deadline == -math.huge
+    or not attempts or attempts ~= math.floor(attempts) or attempts < 1 then
+  return {-2}
+end
 if ARGV[7] ~= '' then
   local ok = redis.call('SET', KEYS[1], ARGV[10], 'NX', 'EX', ARGV[11])
   if not ok then return {0, redis.call('GET', KEYS[1])} end

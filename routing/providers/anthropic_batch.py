@@ -9,8 +9,9 @@ every line (JSON, ``custom_id`` rules, url, model) and measures the exact body, 
 reported with its number before anything is sent, the 256 MB cap is checked against what
 would really be sent, and the request carries a ``content-length`` instead of chunked encoding.
 
-Message batches carry no metadata, so nothing is recorded there; ``find_orphan`` falls back to
-matching the request count (see ``BatchAdapter.find_orphan``).
+Message batches carry no metadata, so nothing is recorded there; ``find_orphan`` lists batches of
+the right request count and adopts one only when its results, once it ended, hold exactly our
+custom_ids (see ``BatchAdapter.find_orphan``).
 """
 
 from __future__ import annotations
@@ -309,5 +310,10 @@ class AnthropicBatchAdapter(AnthropicProtocol, BatchAdapter):
     def _delete(self, job: BatchJob) -> None:
         self._send("DELETE", self._batch_path(job.batch_id), missing_ok=True)
 
-    def _orphan_match(self, job: BatchJob, key: str, value: str, total: int) -> bool:
+    def _orphan_candidate(self, job: BatchJob, key: str, value: str, total: int) -> bool:
+        """No metadata: the request count is all the listing tells."""
         return job.total == total
+
+    def _custom_id_paths(self, job: BatchJob) -> list[str] | None:
+        """The results, the only place a message batch shows its custom_ids: once it ended."""
+        return self._result_paths(job) if job.terminal else None

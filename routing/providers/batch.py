@@ -10,11 +10,15 @@ read the replies. Its input file is written by ``write_input``, framed for its p
 Idempotence: a create is retried only when it certainly created nothing (an error reply, or a
 connection never made); a create whose reply was lost raises at once, retryable, with a note,
 because the batch may exist: the caller then runs ``find_orphan`` before creating again.
+``find_orphan`` adopts only a batch that carries our tag (where the protocol keeps metadata)
+and exactly our custom_ids, read from the batch itself (OpenAI: its input file; Anthropic: its
+results, once it ended), so a batch of someone else's of the same size is never taken for ours.
 """
 
 from __future__ import annotations
 
 import abc
+import contextlib
 import json
 import logging
 import math
@@ -28,7 +32,7 @@ from routing.errors import ConfigError, InvalidRequest, MalformedInput, Provider
 from routing.models import Endpoint, Prepared
 from routing.providers.base import ProviderAccount
 from routing.providers.batch_http import BatchTransport
-from routing.providers.batch_jobs import BatchJob, BatchStatus, LineResult
+from routing.providers.batch_jobs import BatchJob, BatchStatus, LineResult, OrphanSearch
 from routing.providers.capabilities import ProviderCapabilities
 
 __all__ = ["BatchAdapter", "batch_adapter_class", "batch_adapter_for"]
@@ -91,7 +95,15 @@ class BatchAdapter(BatchTransport):
     def _delete(self, job: BatchJob) -> None: ...
 
     @abc.abstractmethod
-    def _orphan_match(self, job: BatchJob, key: str, value: str, total: int) -> bool: ...
+    def _orphan_candidate(self, job: BatchJob, key: str, value: str, total: int) -> bool:
+        """Whether ``job`` may be the orphan, from its listing alone (tag, size)."""
+        ...
+
+    @abc.abstractmethod
+    def _custom_id_paths(self, job: BatchJob) -> list[str] | None:
+        """Where the batch's custom_ids can be read (lines with a ``custom_id``), or None
+        while the provider does not show them yet."""
+        ...
 
     # -- public verbs ----------------------------------------------------------------------
 
@@ -258,41 +270,70 @@ class BatchAdapter(BatchTransport):
         self,
         metadata_key_value: tuple[str, str],
         *,
+        custom_ids: Collection[str],
         created_after: float,
-        total: int,
         exclude: Collection[str] = (),
-    ) -> BatchJob | None:
-        """The batch a create made but never recorded (a crash, a lost reply), or None.
+    ) -> OrphanSearch:
+        """The batch a create made but never recorded (a crash, a lost reply), if any.
 
-        OpenAI-style accounts match ``metadata[key] == value``, which the submit step tags
-        every batch with. Anthropic batches carry no metadata, so there the match is a
-        heuristic: a batch created at or after ``created_after`` with ``total`` requests, not
-        among ``exclude`` (ids already recorded); the caller must check the ``custom_id``s when
-        its results arrive. With several matches the oldest is returned and the others logged.
+        A candidate is a batch created at or after ``created_after``, not among ``exclude``
+        (ids already recorded), that the protocol's listing allows: ``metadata[key] == value``
+        where batches keep metadata (OpenAI), the request count where they do not (Anthropic).
+        It is adopted only when its requests carry exactly ``custom_ids``; one whose requests
+        cannot be read yet is returned as undecided. The oldest match wins.
         """
         key, value = metadata_key_value
-        matches = [
+        wanted = set(custom_ids)
+        candidates = [
             job
             for job in self.list(created_after=created_after)
-            if job.batch_id not in exclude and self._orphan_match(job, key, value, total)
+            if job.batch_id not in exclude and self._orphan_candidate(job, key, value, len(wanted))
         ]
-        if not matches:
+        undecided: list[str] = []
+        for job in sorted(candidates, key=lambda job: job.created_at):
+            verdict = self._holds_exactly(job, wanted)
+            if verdict is None:
+                undecided.append(job.batch_id)
+            elif verdict:
+                return OrphanSearch(found=job)
+            else:
+                logger.info(
+                    "%s batch %s matches %s=%s by its listing but not by its custom_ids",
+                    self.account.name,
+                    job.batch_id,
+                    key,
+                    value,
+                    extra={"provider": self.account.name, "batch_id": job.batch_id},
+                )
+        return OrphanSearch(undecided=undecided)
+
+    def _holds_exactly(self, job: BatchJob, wanted: set[str]) -> bool | None:
+        """Whether the batch's requests are exactly ``wanted`` (None: not readable yet).
+
+        Stops at the first custom_id that is not ours; a batch whose files are gone (404) is
+        not ours to adopt.
+        """
+        paths = self._custom_id_paths(job)
+        if paths is None:
             return None
-        matches.sort(key=lambda job: job.created_at)
-        if len(matches) > 1:
-            logger.warning(
-                "%s: %d batches match %s=%s; taking %s",
-                self.account.name,
-                len(matches),
-                key,
-                value,
-                matches[0].batch_id,
-                extra={
-                    "provider": self.account.name,
-                    "batch_ids": [job.batch_id for job in matches],
-                },
-            )
-        return matches[0]
+        seen: set[str] = set()
+        try:
+            for path in paths:
+                with contextlib.closing(self._stream_lines(path)) as lines:
+                    for _, text in lines:
+                        try:
+                            obj = json.loads(text)
+                        except ValueError:
+                            return False
+                        custom_id = obj.get("custom_id") if isinstance(obj, dict) else None
+                        if custom_id not in wanted or custom_id in seen:
+                            return False
+                        seen.add(custom_id)
+        except ProviderError as exc:
+            if exc.status_code == 404:
+                return False
+            raise
+        return seen == wanted
 
     def _check_size(self, path: Path, lines: int, size: int, longest: int, longest_at: int) -> None:
         """Refuse a file over the account's caps: the planner should have split it."""

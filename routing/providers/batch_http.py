@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import random
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator
 from contextlib import ExitStack
 from typing import Any
 from urllib.parse import quote
@@ -170,7 +170,7 @@ class BatchTransport(AccountClient):
             )
         return body, request_id
 
-    def _stream_lines(self, path: str) -> Iterator[tuple[int, str]]:
+    def _stream_lines(self, path: str) -> Generator[tuple[int, str], None, None]:
         """(line number, text) of a results file, restarting a broken download from the top.
 
         A results file does not change once written, so line ``n`` of a second download is

@@ -28,6 +28,7 @@ __all__ = [
     "BatchStatus",
     "LineError",
     "LineResult",
+    "OrphanSearch",
     "http_retryable",
     "iter_input_lines",
     "no_response_error",
@@ -119,6 +120,20 @@ class LineResult(BaseModel):
     @property
     def ok(self) -> bool:
         return self.error is None
+
+
+class OrphanSearch(BaseModel):
+    """What a search for a batch created but never recorded found.
+
+    ``found`` holds our tag and exactly our custom_ids. ``undecided`` names candidates whose
+    requests cannot be read yet (an Anthropic batch shows them only in its results, once it
+    ended): the caller waits for them rather than requeue requests a running batch may answer.
+    """
+
+    model_config = ConfigDict(frozen=True)
+
+    found: BatchJob | None = None
+    undecided: list[str] = Field(default_factory=list)
 
 
 def parse_timestamp(value: object) -> float | None:

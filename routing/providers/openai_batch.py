@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from routing.errors import InvalidRequest, ProviderError
+from routing.faults import fault_point
 from routing.models import Endpoint, ErrorInfo
 from routing.providers.batch import BatchAdapter
 from routing.providers.batch_jobs import (
@@ -119,6 +120,7 @@ class OpenAIBatchAdapter(OpenAIProtocol, BatchAdapter):
         lines, longest, longest_at = scan_sizes(iter_input_lines(path))
         self._check_size(path, lines, path.stat().st_size, longest, longest_at)
         file_id = self._upload(path)
+        fault_point("upload")
         body: dict[str, Any] = {
             "input_file_id": file_id,
             "endpoint": endpoint.value,
@@ -291,5 +293,9 @@ class OpenAIBatchAdapter(OpenAIProtocol, BatchAdapter):
             if ref:
                 self._delete_file(ref)
 
-    def _orphan_match(self, job: BatchJob, key: str, value: str, total: int) -> bool:
+    def _orphan_candidate(self, job: BatchJob, key: str, value: str, total: int) -> bool:
         return job.metadata.get(key) == value
+
+    def _custom_id_paths(self, job: BatchJob) -> list[str] | None:
+        """The input file, readable as long as the provider keeps it."""
+        return [f"/files/{self._quote(job.input_ref)}/content"] if job.input_ref else []

@@ -335,6 +335,9 @@ class BatchStore(FileStore):
                 "created": {p: self._created[p] for p in protocols},
                 "running": {p: running[p] for p in protocols},
                 "lines_processed": {p: self._lines_run[p] for p in protocols},
+                # custom_ids sent in more than one batch: a request created twice, unless its
+                # first line failed and it was retried
+                "custom_ids_resent": sum(1 for n in self._attempts.values() if n > 1),
                 "lines_by_result": {kind: self._results[kind] for kind in RESULT_KINDS},
                 "files": len(self._files),
             }

@@ -73,8 +73,8 @@ class PayloadTooLarge(DeliveryError):
 
 
 class AddressRefused(DeliveryError):
-    def __init__(self, message: str) -> None:
-        super().__init__(message, sink="webhook", retryable=False, code="address_refused")
+    def __init__(self, message: str, *, sink: str = "webhook") -> None:
+        super().__init__(message, sink=sink, retryable=False, code="address_refused")
 
 
 def canonical_payload(result: Result) -> bytes:

@@ -6,14 +6,18 @@ the header ``mixbatch_request_id``; it should apply each request id once (an ups
 ``get_or_create``), because delivery is at-least-once.
 
 The Celery app is passed in (anything with ``send_task``), so ``routing`` imports no Celery.
+A task or queue in mixbatch's or Celery's own namespace is refused at submit
+(``routing.callbacks``) and again here, with the service's own queues (``reserved_queues``),
+so a result is never handed to one of the service's own tasks or workers.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Collection
 from typing import Any, Protocol
 
-from routing.callbacks import CeleryCallback
+from routing.callbacks import CeleryCallback, reserved_celery_name
 from routing.models import Result
 from routing.sinks.base import DeliveryError, Sink
 from routing.sinks.settings import SinkSettings
@@ -30,12 +34,34 @@ class TaskSender(Protocol):
 class CelerySink(Sink):
     kind = "celery"
 
-    def __init__(self, spec: CeleryCallback, *, settings: SinkSettings, app: TaskSender) -> None:
+    def __init__(
+        self,
+        spec: CeleryCallback,
+        *,
+        settings: SinkSettings,
+        app: TaskSender,
+        reserved_queues: Collection[str] = (),
+    ) -> None:
         super().__init__(max_payload_bytes=settings.payload_limit(self.kind))
         self.spec = spec
         self.app = app
+        self.reserved_queues = reserved_queues
+
+    def _refusal(self) -> str | None:
+        for what, name in (("task", self.spec.task), ("queue", self.spec.queue)):
+            if name is None:
+                continue
+            reserved = reserved_celery_name(name)
+            if reserved is None and what == "queue" and name in self.reserved_queues:
+                reserved = "the service's own queues"
+            if reserved is not None:
+                return f"{what} {name!r} is in {reserved}; name a {what} of your own app"
+        return None
 
     def write(self, result: Result, payload: bytes) -> None:
+        refused = self._refusal()
+        if refused is not None:
+            raise DeliveryError(refused, sink=self.kind, retryable=False, code="reserved_name")
         try:
             self.app.send_task(
                 self.spec.task,

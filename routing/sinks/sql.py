@@ -1,4 +1,10 @@
-"""SQL sink: upsert each result, keyed by request id, into a table of the caller's database.
+"""SQL sink: upsert each result, keyed by request id, into a table of a named sink's database.
+
+The sink is registered in the service's table (``[sinks.NAME]`` with ``kind = "sql"``,
+``url_env`` naming the variable that holds the SQLAlchemy URL, and ``table``); the URL, and the
+password in it, never travel with a request. PostgreSQL hosts are checked by the address guard
+at each delivery and the connection goes to the checked address (libpq's ``hostaddr``); a SQLite
+file must lie under a directory of ``MIXBATCH_SINK_ALLOW_PATHS``.
 
 Works on SQLite and PostgreSQL (``INSERT ... ON CONFLICT (request_id) DO UPDATE``), through
 SQLAlchemy Core. The table is created if missing; an existing table must have these columns
@@ -39,14 +45,18 @@ from datetime import UTC, datetime
 from typing import Any
 
 import sqlalchemy as sa
+from pydantic import SecretStr
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Engine
 
-from routing.callbacks import SqlCallback
+from routing.errors import ConfigError
 from routing.models import Result
-from routing.sinks.base import DeliveryError, Sink
+from routing.sinks.base import AddressRefused, DeliveryError, Sink
+from routing.sinks.guard import AddressPolicy, Resolver, path_refusal, resolve_host, sql_endpoint
 from routing.sinks.settings import SinkSettings
+from routing.sinks.table import SqlTarget
+from routing.store.base import redact_url
 
 __all__ = ["EngineCache", "SqlSink", "result_row", "results_table"]
 
@@ -54,7 +64,7 @@ _JSON = sa.JSON(none_as_null=True).with_variant(postgresql.JSONB(none_as_null=Tr
 
 
 def results_table(name: str, metadata: sa.MetaData | None = None) -> sa.Table:
-    """The table as documented above; ``name`` is a plain identifier (checked at submit)."""
+    """The table as documented above; ``name`` is a plain identifier (checked at load)."""
     return sa.Table(
         name,
         metadata or sa.MetaData(),
@@ -107,14 +117,14 @@ def result_row(result: Result, delivered_at: float) -> dict[str, Any]:
 
 
 def _redact(url: str) -> str:
-    try:
-        return sa.make_url(url).render_as_string(hide_password=True)
-    except sa_exc.ArgumentError:
-        return "<unparseable url>"
+    """The URL for messages: SQLAlchemy's own rendering hides ``:password@`` but not
+    ``?password=`` (libpq takes either), so the store's redaction is used."""
+    return redact_url(url)
 
 
 class EngineCache:
-    """One engine per URL per process, and each table checked once; pools are reused.
+    """One engine per URL (and checked address) per process, each table checked once; pools
+    are reused.
 
     Not shared across ``fork``: drop it in the child (``close``) and a new one fills lazily.
     """
@@ -122,17 +132,18 @@ class EngineCache:
     def __init__(self, *, connect_timeout_s: float = 5.0) -> None:
         self.connect_timeout_s = connect_timeout_s
         self._lock = threading.Lock()
-        self._engines: dict[str, Engine] = {}
+        self._engines: dict[tuple[str, str | None], Engine] = {}
         self._tables: dict[tuple[str, str], sa.Table] = {}
 
-    def engine(self, url: str) -> Engine:
+    def engine(self, url: str, hostaddr: str | None = None) -> Engine:
+        """The engine for ``url``; ``hostaddr``: connect there, not where the host resolves."""
         with self._lock:
-            engine = self._engines.get(url)
+            engine = self._engines.get((url, hostaddr))
             if engine is None:
-                engine = self._engines[url] = self._create(url)
+                engine = self._engines[(url, hostaddr)] = self._create(url, hostaddr)
             return engine
 
-    def _create(self, url: str) -> Engine:
+    def _create(self, url: str, hostaddr: str | None) -> Engine:
         shown = _redact(url)
         try:
             parsed = sa.make_url(url)
@@ -140,6 +151,8 @@ class EngineCache:
             connect_args: dict[str, Any] = {}
             if backend == "postgresql":
                 connect_args["connect_timeout"] = max(1, round(self.connect_timeout_s))
+                if hostaddr is not None:
+                    connect_args["hostaddr"] = hostaddr
             elif backend == "sqlite":
                 connect_args["timeout"] = self.connect_timeout_s
             return sa.create_engine(parsed, pool_pre_ping=True, connect_args=connect_args)
@@ -223,21 +236,55 @@ class SqlSink(Sink):
 
     def __init__(
         self,
-        spec: SqlCallback,
+        target: SqlTarget,
         *,
         settings: SinkSettings,
         engines: EngineCache,
+        policy: AddressPolicy | None = None,
+        resolver: Resolver = resolve_host,
         clock: Callable[[], float] = time.time,
     ) -> None:
         super().__init__(max_payload_bytes=settings.payload_limit(self.kind))
-        self.spec = spec
-        self.table_name = spec.table or settings.sql_table
+        self.target = target
+        self.settings = settings
+        self.table_name = target.table or settings.sql_table
         self.engines = engines
+        self.policy = policy or AddressPolicy.from_allow(settings.sink_allow)
+        self.resolver = resolver
         self.clock = clock
 
+    def _url(self) -> SecretStr:
+        try:
+            return self.target.url()
+        except ConfigError as exc:
+            raise DeliveryError(
+                f"{exc}; set it, then replay",
+                sink=self.kind,
+                retryable=False,
+                code="sink_misconfigured",
+            ) from None
+
+    def _hostaddr(self, url: str) -> str | None:
+        """Check where ``url`` goes, now: the address to connect to (PostgreSQL), or None (a
+        SQLite file, checked against the allowed directories)."""
+        try:
+            endpoint = sql_endpoint(url)
+        except ValueError as exc:
+            raise DeliveryError(
+                f"{self.target.url_env}: {exc}", sink=self.kind, retryable=False, code="bad_url"
+            ) from None
+        if endpoint.path is not None:
+            why = path_refusal(endpoint.path, self.settings.sink_allow_paths, "a SQLite file")
+            if why is not None:
+                raise AddressRefused(why, sink=self.kind)
+        if endpoint.host is None:
+            return None
+        return self.policy.resolve(endpoint.host, endpoint.port, self.resolver, sink=self.kind)[0]
+
     def write(self, result: Result, payload: bytes) -> None:
-        engine = self.engines.engine(self.spec.url)
-        shown = _redact(self.spec.url)
+        url = self._url().get_secret_value()
+        engine = self.engines.engine(url, self._hostaddr(url))
+        shown = _redact(url)
         try:
             conn = engine.connect()
         except sa_exc.DBAPIError as exc:
@@ -250,7 +297,7 @@ class SqlSink(Sink):
         now = self.clock()
         try:
             with conn:
-                table = self.engines.table(self.spec.url, self.table_name, conn)
+                table = self.engines.table(url, self.table_name, conn)
                 conn.execute(_upsert(engine.dialect.name, table, result_row(result, now)))
                 conn.commit()
         except sa_exc.DBAPIError as exc:

@@ -1,5 +1,11 @@
 """Redis stream sink: XADD the result, trimmed with ``MAXLEN ~ N``, once per request id.
 
+The stream is a named sink of the service's table (``kind = "stream"``, ``key``, ``maxlen``
+and, for a Redis other than the service's, ``url_env``). The key is checked when the table is
+loaded (no control characters, braces only as a hash tag, nothing under mixbatch's own
+``<namespace>:``, ``maxlen`` at most ``MIXBATCH_STREAM_MAXLEN_CEILING``) and the namespace
+again here, before each write.
+
 Each entry has the fields ``id``, ``custom_id``, ``tenant``, ``status`` and ``payload`` (the
 result as JSON). A reader can rely on one entry per request id: the append and a marker key
 remembering it are one Lua script (``stream_append_once``), so a second delivery of the same id
@@ -12,11 +18,11 @@ from __future__ import annotations
 import redis
 from redis.commands.core import Script
 
-from routing.callbacks import StreamCallback
 from routing.keys import Keys
 from routing.models import Result
 from routing.sinks.base import DeliveryError, Sink
 from routing.sinks.settings import SinkSettings
+from routing.sinks.table import StreamTarget
 
 __all__ = ["StreamSink"]
 
@@ -26,7 +32,7 @@ class StreamSink(Sink):
 
     def __init__(
         self,
-        spec: StreamCallback,
+        target: StreamTarget,
         *,
         settings: SinkSettings,
         client: redis.Redis,
@@ -35,18 +41,18 @@ class StreamSink(Sink):
         own_redis: bool,
     ) -> None:
         super().__init__(max_payload_bytes=settings.payload_limit(self.kind))
-        self.spec = spec
+        self.target = target
         self.client = client
         self.script = script
         self.namespace = namespace
         self.keys = Keys(namespace)
-        self.maxlen = spec.maxlen or settings.stream_maxlen
+        self.maxlen = min(target.maxlen or settings.stream_maxlen, settings.stream_maxlen_ceiling)
         self.marker_ttl_s = settings.stream_marker_ttl_s
         self.own_redis = own_redis
 
     def write(self, result: Result, payload: bytes) -> None:
-        key = self.spec.key
-        if self.own_redis and key.startswith(f"{self.namespace}:"):
+        key = self.target.key
+        if key.startswith(f"{self.namespace}:"):
             raise DeliveryError(
                 f"stream key {key!r} is inside mixbatch's own key namespace "
                 f"({self.namespace}:); choose another key",

@@ -1,8 +1,11 @@
-"""Webhook sink: POST the result as signed JSON, after refusing addresses it must not reach.
+"""Webhook sink: POST the result as JSON signed per Standard Webhooks, to a named target's URL,
+after refusing addresses it must not reach, within one total deadline.
 
-Each delivery carries ``Mixbatch-Signature`` (see ``routing.sinks.signing``) and
-``Mixbatch-Request-Id``, the idempotency key: mixbatch delivers at least once, so a receiver
-applies each request id once. How answers are treated:
+The target (a ``[sinks.<name>]`` entry of kind ``webhook`` in the sink table) holds the URL and
+the names of the environment variables that hold its secrets: the producer names the sink and
+chooses neither. Each delivery carries ``webhook-id`` (the request id, the idempotency key: a
+receiver applies each id once), ``webhook-timestamp`` and ``webhook-signature`` (see
+``routing.sinks.signing``; two signatures while a secret is rotated). How answers are treated:
 
     2xx                   delivered
     429, 5xx, timeouts,   retried with the shared backoff (a ``Retry-After`` is a floor)
@@ -10,9 +13,15 @@ applies each request id once. How answers are treated:
     other 4xx, 3xx        dead letter at once: retrying will not change the answer, and
                           redirects are not followed (they could lead past the address check)
 
+``MIXBATCH_WEBHOOK_TIMEOUT_S`` bounds the whole delivery (resolve, connect, send, the answer),
+not each read: a receiver that trickles its answer is cut off when the time is up
+(``routing.sinks.deadline``), so a slow receiver cannot hold a worker.
+
 The address check (SSRF guard) resolves the host and refuses loopback, link-local (where cloud
 metadata services live), private, reserved, multicast and otherwise non-global addresses,
-unless the host or a CIDR holding the address is in ``MIXBATCH_WEBHOOK_ALLOW``. It runs at every
+unless the host or a CIDR holding the address is in ``MIXBATCH_SINK_ALLOW``
+(``routing.sinks.guard``, which also refuses the IPv6 forms that tunnel an internal IPv4
+address). It runs when the sinks table is loaded and at every
 delivery, because DNS can change after submit, and the request is then sent to the very address
 that was checked (the TLS name and ``Host`` header stay the URL's), so a second lookup cannot
 swap it for another. Environment proxies are ignored for the same reason.
@@ -20,120 +29,34 @@ swap it for another. Environment proxies are ignored for the same reason.
 
 from __future__ import annotations
 
-import ipaddress
-import socket
 import time
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable
 from http import HTTPStatus
+from typing import Protocol
 
 import httpx
+from pydantic import SecretStr
 
-from routing.callbacks import WebhookCallback
 from routing.decide.backoff import parse_retry_after
+from routing.errors import ConfigError
 from routing.models import Result
-from routing.sinks.base import AddressRefused, DeliveryError, Sink
+from routing.sinks.base import DeliveryError, Sink
+from routing.sinks.deadline import TotalDeadline
+from routing.sinks.guard import AddressPolicy, Resolver, resolve_host
 from routing.sinks.settings import SinkSettings
-from routing.sinks.signing import (
-    REQUEST_ID_HEADER,
-    SIGNATURE_HEADER,
-    signature_header,
-    verify_signature,
-)
+from routing.sinks.signing import secret_key, verify_signature, webhook_headers
 
 __all__ = [
     "AddressPolicy",
     "Resolver",
     "WebhookSink",
+    "WebhookTargetLike",
     "new_http_client",
     "resolve_host",
     "verify_signature",
 ]
 
-IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
-IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
-#: ``(host, port) -> addresses``; tests swap in a fake to exercise hosts that resolve inward.
-Resolver = Callable[[str, int], Sequence[str]]
-
 _SNIPPET_BYTES = 200
-
-
-def resolve_host(host: str, port: int) -> list[str]:
-    """Every address ``host`` resolves to, in the resolver's order, without duplicates."""
-    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    seen: dict[str, None] = {}
-    for info in infos:
-        seen.setdefault(str(info[4][0]), None)
-    return list(seen)
-
-
-def _refusal(ip: IPAddress) -> str | None:
-    """Why ``ip`` is refused by default, or None for an ordinary public address."""
-    if ip.is_loopback:
-        return "loopback"
-    if ip.is_link_local:
-        return "link-local (where cloud metadata services live)"
-    if ip.is_multicast:
-        return "multicast"
-    if ip.is_unspecified:
-        return "unspecified"
-    if ip.is_private:
-        return "private"
-    if ip.is_reserved:
-        return "reserved"
-    if not ip.is_global:
-        return "not globally routable"
-    return None
-
-
-@dataclass(frozen=True)
-class AddressPolicy:
-    """Which addresses a webhook may reach: every public one, plus what the allow-list names."""
-
-    hosts: frozenset[str] = frozenset()
-    networks: tuple[IPNetwork, ...] = ()
-
-    @classmethod
-    def from_allow(cls, entries: Iterable[str]) -> AddressPolicy:
-        hosts: set[str] = set()
-        networks: list[IPNetwork] = []
-        for entry in entries:
-            item = entry.strip().lower().rstrip(".")
-            try:
-                networks.append(ipaddress.ip_network(item, strict=False))
-            except ValueError:
-                hosts.add(item)
-        return cls(frozenset(hosts), tuple(networks))
-
-    def allowed_host(self, host: str) -> bool:
-        return host.lower().rstrip(".") in self.hosts
-
-    def check(self, host: str, addresses: Sequence[str]) -> list[str]:
-        """The addresses to connect to, or ``AddressRefused`` if any of them is refused.
-
-        All must pass: a name resolving to one public and one private address would otherwise
-        reach the private one on some tries.
-        """
-        if not addresses:
-            raise DeliveryError(
-                f"{host!r} resolved to no address", sink="webhook", retryable=True, code="dns"
-            )
-        if self.allowed_host(host):
-            return list(addresses)
-        for text in addresses:
-            ip: IPAddress = ipaddress.ip_address(text.split("%", 1)[0])
-            if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-                ip = ip.ipv4_mapped
-            if any(ip.version == net.version and ip in net for net in self.networks):
-                continue
-            reason = _refusal(ip)
-            if reason is not None:
-                shown = host if host == text else f"{host} ({text})"
-                raise AddressRefused(
-                    f"refused to deliver to {shown}: the address is {reason}; "
-                    "allow the host or its CIDR in MIXBATCH_WEBHOOK_ALLOW if it is meant"
-                )
-        return list(addresses)
 
 
 def new_http_client(timeout_s: float) -> httpx.Client:
@@ -173,12 +96,29 @@ def _snippet(response: httpx.Response) -> str:
     return " ".join(text.split())
 
 
+class WebhookTargetLike(Protocol):
+    """What the sink needs of a webhook target (``routing.sinks.table.WebhookTarget``)."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def url(self) -> str: ...
+
+    @property
+    def secret_env(self) -> str: ...
+
+    def secrets(self) -> list[SecretStr]:
+        """The active secrets, current first; ``ConfigError`` naming a variable that is unset."""
+        ...
+
+
 class WebhookSink(Sink):
     kind = "webhook"
 
     def __init__(
         self,
-        spec: WebhookCallback,
+        target: WebhookTargetLike,
         *,
         settings: SinkSettings,
         client: httpx.Client,
@@ -186,12 +126,12 @@ class WebhookSink(Sink):
         clock: Callable[[], float] = time.time,
     ) -> None:
         super().__init__(max_payload_bytes=settings.payload_limit(self.kind))
-        self.spec = spec
+        self.target = target
         self.settings = settings
         self.client = client
         self.resolver = resolver
         self.clock = clock
-        self.policy = AddressPolicy.from_allow(settings.webhook_allow)
+        self.policy = AddressPolicy.from_allow(settings.sink_allow)
 
     def _addresses(self, url: httpx.URL) -> list[str]:
         if url.scheme not in ("http", "https"):
@@ -202,70 +142,83 @@ class WebhookSink(Sink):
                 code="bad_url",
             )
         port = url.port or (443 if url.scheme == "https" else 80)
-        try:
-            addresses = self.resolver(url.host, port)
-        except (OSError, UnicodeError) as exc:
-            raise DeliveryError(
-                f"cannot resolve {url.host!r} ({exc})", sink=self.kind, retryable=True, code="dns"
-            ) from None
-        return self.policy.check(url.host, addresses)
+        return self.policy.resolve(url.host, port, self.resolver, sink=self.kind)
 
-    def write(self, result: Result, payload: bytes) -> None:
-        url = httpx.URL(self.spec.url)
-        where = describe_url(url)
-        secret = self.settings.webhook_secret_for(result.tenant)
-        if secret is None:
+    def _keys(self) -> list[bytes]:
+        """The target's signing keys, current first; a missing or malformed one is refused
+        before anything is sent (the message names the variable, never its value)."""
+        where = f"webhook sink {self.target.name!r}"
+        try:
+            secrets = self.target.secrets()
+            return [secret_key(secret.get_secret_value()) for secret in secrets]
+        except (ConfigError, ValueError) as exc:
             raise DeliveryError(
-                f"no signing secret for tenant {result.tenant!r}: set MIXBATCH_WEBHOOK_SECRETS "
-                '(JSON {"tenant": "secret"}) or MIXBATCH_WEBHOOK_SECRET, then replay',
+                f"{where}: no usable signing secret ({exc}); set {self.target.secret_env}, "
+                "then replay",
                 sink=self.kind,
                 retryable=False,
                 code="webhook_secret_missing",
-            )
-        addresses = self._addresses(url)
-        headers = {
-            "Content-Type": "application/json",
-            "Host": url.netloc.decode("ascii"),
-            SIGNATURE_HEADER: signature_header(
-                secret.get_secret_value(), payload, timestamp=int(self.clock())
-            ),
-            REQUEST_ID_HEADER: result.id,
-        }
-        extensions = {"sni_hostname": url.host} if url.scheme == "https" else {}
-        failures: list[str] = []
-        for address in addresses:
-            try:
-                with self.client.stream(
-                    "POST",
-                    url.copy_with(host=address),
-                    content=payload,
-                    headers=headers,
-                    extensions=extensions,
-                ) as response:
-                    self._check_answer(response, where)
-                    return
-            except httpx.ConnectError as exc:
-                failures.append(f"{address}: {exc or type(exc).__name__}")
-            except httpx.TimeoutException:
-                raise DeliveryError(
-                    f"{where} did not answer within {self.settings.webhook_timeout_s:g}s "
-                    "(MIXBATCH_WEBHOOK_TIMEOUT_S)",
-                    sink=self.kind,
-                    retryable=True,
-                    code="timeout",
-                ) from None
-            except httpx.HTTPError as exc:
-                raise DeliveryError(
-                    f"{where}: {type(exc).__name__}: {exc}",
-                    sink=self.kind,
-                    retryable=True,
-                    code="transport_error",
-                ) from None
+            ) from None
+
+    def write(self, result: Result, payload: bytes) -> None:
+        try:
+            url = httpx.URL(self.target.url)
+        except httpx.InvalidURL:
+            raise DeliveryError(
+                f"sink {self.target.name!r} has a URL httpx cannot parse",
+                sink=self.kind,
+                retryable=False,
+                code="bad_url",
+            ) from None
+        where = describe_url(url)
+        keys = self._keys()
+        limit_s = self.settings.webhook_timeout_s
+        with TotalDeadline(limit_s) as deadline:
+            addresses = self._addresses(url)
+            headers = {
+                "Content-Type": "application/json",
+                "Host": url.netloc.decode("ascii"),
+                **webhook_headers(keys, result.id, payload, timestamp=int(self.clock())),
+            }
+            extensions = {"sni_hostname": url.host} if url.scheme == "https" else {}
+            failures: list[str] = []
+            for address in addresses:
+                try:
+                    with self.client.stream(
+                        "POST",
+                        url.copy_with(host=address),
+                        content=payload,
+                        headers=headers,
+                        timeout=deadline.timeout(),
+                        extensions={**extensions, **deadline.extensions()},
+                    ) as response:
+                        self._check_answer(response, where)
+                        return
+                except httpx.HTTPError as exc:
+                    if deadline.expired or isinstance(exc, httpx.TimeoutException):
+                        raise self._timed_out(where, limit_s) from None
+                    if not isinstance(exc, httpx.ConnectError):
+                        raise DeliveryError(
+                            f"{where}: {type(exc).__name__}: {exc}",
+                            sink=self.kind,
+                            retryable=True,
+                            code="transport_error",
+                        ) from None
+                    failures.append(f"{address}: {exc or type(exc).__name__}")
         raise DeliveryError(
             f"cannot connect to {where} ({'; '.join(failures)})",
             sink=self.kind,
             retryable=True,
             code="connect_failed",
+        )
+
+    def _timed_out(self, where: str, limit_s: float) -> DeliveryError:
+        return DeliveryError(
+            f"{where} did not take the delivery within {limit_s:g}s, all of it "
+            "(connect, send, answer; MIXBATCH_WEBHOOK_TIMEOUT_S)",
+            sink=self.kind,
+            retryable=True,
+            code="timeout",
         )
 
     def _check_answer(self, response: httpx.Response, where: str) -> None:

@@ -8,53 +8,97 @@ from __future__ import annotations
 
 import contextlib
 import json
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
-from urllib.parse import parse_qsl, urlencode, urlsplit
+from urllib.parse import parse_qsl, urlencode
 
 import redis
 
-from routing.errors import StoreUnavailable
+from routing.errors import ConfigError, StoreUnavailable
 from routing.keys import Keys, lane_of
+from routing.models import ErrorInfo, StoredResult
+from routing.states import LEASED, State
 from routing.store.scripts import Scripts
 
-__all__ = ["StoreBase", "decode", "dumps", "redact_url", "store_errors"]
+__all__ = [
+    "CANCELLABLE",
+    "CANCELLED",
+    "StoreBase",
+    "decode",
+    "dumps",
+    "redact_url",
+    "store_errors",
+    "url_errors",
+]
+
+#: What a cancelled request's result says, and the states it may be cancelled from.
+CANCELLED = ErrorInfo(code="cancelled", message="cancelled by the caller")
+CANCELLABLE = (State.QUEUED, *LEASED, State.SUBMITTED)
+#: ``settle.lua``'s KEYS, by their names in ``StoreBase.request_keys``.
+_SETTLE_KEYS = ("req", "leases", "q", "qage", "delayed", "outbox", "finished", "counts", "notify")
+
+
+#: Query parameters that carry a credential in Redis, libpq and SQLAlchemy URLs.
+_SECRET_PARAMS = frozenset(
+    {"password", "passwd", "pwd", "sslpassword", "secret", "token", "access_token", "api_key"}
+)
+
+
+def _redact_query(query: str) -> str:
+    pairs = parse_qsl(query, keep_blank_values=True)
+    if not any(key.lower() in _SECRET_PARAMS for key, _ in pairs):
+        return query
+    hidden = [(k, "***" if k.lower() in _SECRET_PARAMS else v) for k, v in pairs]
+    return urlencode(hidden, safe="*")
 
 
 def redact_url(url: str) -> str:
-    """Return ``url`` with its password (userinfo or ``?password=``) replaced by ``***``.
+    """Return ``url`` with its password (userinfo, ``?password=`` and the like) as ``***``.
 
     Every URL that reaches a log line, an error message or the CLI goes through here, so a
-    Redis password never leaks. A bare ``user@`` is redacted too: people often put the
-    password there by mistake.
+    password never leaks. A bare ``user@`` is redacted too: people often put the password there
+    by mistake. A password written unencoded may hold ``/``, ``?``, ``#`` or ``@``, which end the
+    host part for a URL parser; so the userinfo runs to the last ``@`` unless every ``@`` sits
+    before the first of those: redacting too much is better than showing a password.
     """
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return "<unparseable url>"
-    netloc = parts.netloc
-    userinfo, at, hostport = netloc.rpartition("@")
-    if at:
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        scheme, rest = "", url
+    netloc_end = min((i for i in map(rest.find, "/?#") if i != -1), default=len(rest))
+    netloc = rest[:netloc_end]
+    if "@" in rest[netloc_end:]:
+        userinfo, _, after = rest.rpartition("@")
+    elif "@" in netloc:
+        userinfo, _, after = rest.partition("@")
+        userinfo, _, host = netloc.rpartition("@")
+        after = host + rest[netloc_end:]
+    else:
+        userinfo, after = "", rest
+    if userinfo:
         user, colon, _password = userinfo.partition(":")
-        netloc = f"{user}:***@{hostport}" if colon else f"***@{hostport}"
-    query = parts.query
-    if query:
-        pairs = parse_qsl(query, keep_blank_values=True)
-        if any(key.lower() == "password" for key, _ in pairs):
-            query = urlencode(
-                [(key, "***" if key.lower() == "password" else value) for key, value in pairs],
-                safe="*",
-            )
-    if netloc == parts.netloc and query == parts.query:
+        shown_user = f"{user}:***" if colon and not set(user) & set("/?#") else "***"
+        after = f"{shown_user}@{after}"
+    # The query runs to the end: a '#' inside a password must not hide the rest of it.
+    path, question, query = after.partition("?")
+    redacted = f"{path}?{_redact_query(query)}" if question else after
+    if redacted == rest:
         return url
-    rebuilt = (
-        f"{parts.scheme}://{netloc}{parts.path}" if parts.scheme else f"//{netloc}{parts.path}"
-    )
-    if query:
-        rebuilt += f"?{query}"
-    if parts.fragment:
-        rebuilt += f"#{parts.fragment}"
-    return rebuilt
+    return f"{scheme}://{redacted}" if sep else redacted
+
+
+@contextlib.contextmanager
+def url_errors(url: str, variable: str = "MIXBATCH_REDIS_URL") -> Iterator[None]:
+    """Turn redis-py's complaint about a malformed URL into a ``ConfigError`` that shows the URL
+    redacted. redis-py's own message can quote a piece of the password (an unencoded ``/`` in
+    it makes the rest look like a port), so it is left out, and so is the exception chain."""
+    try:
+        yield
+    except ValueError:
+        raise ConfigError(
+            f"{variable}: {redact_url(url)} is not a valid Redis URL "
+            "(redis://[[user]:password@]host[:port][/db]); percent-encode '/', '?', '#', '@' "
+            "and ':' in a password (e.g. '/' as %2F)"
+        ) from None
 
 
 @contextlib.contextmanager
@@ -104,3 +148,43 @@ class StoreBase:
             "counts": k.counts(lane),
             "notify": k.notify(request_id),
         }
+
+    def settle_call(
+        self,
+        request_id: str,
+        who: str,
+        to: State,
+        payload: str,
+        now: float,
+        from_states: Sequence[State],
+        *,
+        ready_at: float | None = None,
+        gave_up: tuple[str, str] = ("", ""),
+    ) -> tuple[list[str], list[Any]]:
+        """``settle.lua``'s KEYS and ARGV: the one script by which a request finishes (``to`` an
+        outcome) or goes back to its lane (``to`` QUEUED). Pure, so every client (the sync store,
+        ``routing.async_client``) sends the very same call; ``settle.lua``'s header says the rest.
+        """
+        k = self.request_keys(request_id)
+        keys = [k[name] for name in _SETTLE_KEYS]
+        args: list[Any] = [
+            request_id,
+            who,
+            to.value,
+            payload,
+            repr(now),
+            self.result_ttl_s,
+            repr(ready_at or now),
+            State.QUEUED.value,
+            State.CLAIMED.value,
+            State.FAILED.value,
+            *gave_up,
+            *[s.value for s in from_states],
+        ]
+        return keys, args
+
+    def cancel_call(self, request_id: str, now: float) -> tuple[list[str], list[Any]]:
+        """``settle.lua``'s call that cancels a request wherever it waits (returns
+        ``{1, from, CANCELLED}``, ``{0, state}`` when it had finished, ``{}`` when unknown)."""
+        result = dumps(StoredResult(error=CANCELLED).stored())
+        return self.settle_call(request_id, "", State.CANCELLED, result, now, CANCELLABLE)

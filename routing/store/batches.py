@@ -2,10 +2,16 @@
 
 A request routed to a provider batch is first *staged* in its group (provider, endpoint, model)
 with its lease token, then marked SUBMITTED in its lane. At flush time the group's members are
-*taken*, written to JSONL, and the batch is recorded as an **intent** before the provider's
-``create``; the provider's batch id is recorded the moment it returns. An intent that never got
-an id (a crash between create and record) is reconciled by listing the provider's batches for
-our metadata tag and adopting the orphan, never by submitting twice.
+*taken* into a durable take record (one script), then planned into batches; each batch is
+recorded as an **intent** before the provider's ``create``, in the same script that releases its
+members from the take, and the provider's batch id is recorded the moment it returns. So every
+taken request is referenced by a take, an intent or a batch in flight at every moment.
+
+Takes and intents are scored by their worker's last beat (renewed while it works on them). One
+whose worker stopped beating is *reaped* by the poller (moved to the ``reaping`` index under the
+reconciler's own beat): a take's members are requeued; an intent is adopted when a batch with
+our metadata tag and its custom_ids exists, else its members are requeued. Recording is fenced
+on those indexes, so a worker taken for dead and its reconciler never both decide a batch.
 
 All registry keys share the hash tag ``{batches}``; request transitions stay in their lanes'
 slots (see ``routing.keys``), so every step is atomic in its own slot and idempotent across.
@@ -13,19 +19,24 @@ slots (see ``routing.keys``), so every step is atomic in its own slot and idempo
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections.abc import Iterable
 from typing import Literal
 
 import redis
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, PrivateAttr
 
 from routing.errors import NotFound
-from routing.keys import Keys
+from routing.keys import BatchIndex, Keys
 from routing.store.base import store_errors
 from routing.store.scripts import Scripts
 
 BatchState = Literal["intent", "submitted", "collecting", "done", "failed", "cancelled"]
+#: Who records a provider id: the worker that created the batch, or a reconciler adopting it.
+Recorder = Literal["worker", "reaper"]
+#: How long a closed batch record is kept (``mixbatch`` views and ``explain`` read it).
+CLOSED_TTL_S = 14 * 86400
 
 
 class Member(BaseModel):
@@ -56,6 +67,8 @@ class BatchRecord(BaseModel):
     last_status: str | None = None
     polls: int = 0
     note: str | None = None
+    #: SHA-1 of the stored text this record was read from, so a save can be fenced on it
+    _digest: str | None = PrivateAttr(default=None)
 
     def requests(self) -> list[Member]:
         return [m for group in self.members.values() for m in group]
@@ -137,18 +150,41 @@ class BatchRegistry:
             )
         return out
 
-    def take(self, gid: str, n: int) -> list[tuple[str, str]]:
-        """Up to ``n`` staged (id, token) pairs, earliest deadline first, removed atomically."""
+    def take(self, gid: str, n: int, take_id: str, now: float) -> list[tuple[str, str]]:
+        """Up to ``n`` staged (id, token) pairs, earliest deadline first, moved atomically from
+        the group into the take ``take_id`` (which the caller beats while it submits them)."""
         keys = [
             self.keys.batch_group(gid),
             self.keys.batch_group(gid, "tok"),
             self.keys.batch_group(gid, "size"),
             self.keys.batch_group(gid, "meta"),
             self.keys.batches("groups"),
+            self.keys.batch_take(take_id),
+            self.keys.batches("takes"),
         ]
         with store_errors(self.url):
-            flat = self._scripts["batch_take"](keys=keys, args=[n, gid])
+            flat = self._scripts["batch_take"](keys=keys, args=[n, gid, take_id, repr(now)])
         return [(flat[i].decode(), flat[i + 1].decode()) for i in range(0, len(flat), 2)]
+
+    def close_take(self, take_id: str) -> bool:
+        """Forget a take whose members all went somewhere; False when it was reaped meanwhile."""
+        keys = [self.keys.batch_take(take_id), self.keys.batches("takes")]
+        with store_errors(self.url):
+            return bool(self._scripts["batch_take_close"](keys=keys, args=[take_id]))
+
+    def take_members(self, take_id: str) -> dict[str, str]:
+        """Request id -> lease token of the members a take still holds."""
+        with store_errors(self.url):
+            raw = self.redis.hgetall(self.keys.batch_take(take_id))
+        return {k.decode(): v.decode() for k, v in raw.items()}
+
+    def drop_reaped_take(self, take_id: str) -> None:
+        """A reaped take whose members were requeued: nothing refers to it any more."""
+        with store_errors(self.url):
+            pipe = self.redis.pipeline(transaction=True)
+            pipe.delete(self.keys.batch_take(take_id))
+            pipe.zrem(self.keys.batches("reaping"), f"take:{take_id}")
+            pipe.execute()
 
     def last_window(self, gid: str) -> float | None:
         """When a submit window last flushed this group (so a window fires once)."""
@@ -162,38 +198,73 @@ class BatchRegistry:
 
     # -- batches --------------------------------------------------------------------------
 
-    def record_intent(self, record: BatchRecord) -> None:
+    def record_intent(self, record: BatchRecord, take_id: str = "") -> bool:
+        """Store the intent, scored by ``record.created_at`` (its worker's first beat), and
+        release its members from ``take_id``; False when that take was reaped meanwhile."""
+        keys = [
+            self.keys.batch(record.key),
+            self.keys.batches("intents"),
+            self.keys.batch_take(take_id or "-"),
+            self.keys.batches("takes"),
+        ]
+        ids = [m.id for m in record.requests()]
+        args = [record.key, record.model_dump_json(), repr(record.created_at), take_id, *ids]
         with store_errors(self.url):
-            pipe = self.redis.pipeline(transaction=True)
-            pipe.set(self.keys.batch(record.key), record.model_dump_json())
-            pipe.zadd(self.keys.batches("intents"), {record.key: record.created_at})
-            pipe.execute()
+            return bool(self._scripts["batch_intent"](keys=keys, args=args))
 
     def record_submitted(
-        self, record: BatchRecord, batch_id: str, now: float, first_poll_at: float
-    ) -> None:
-        """The provider's id, recorded the moment ``create`` returns."""
-        record.batch_id = batch_id
-        record.state = "submitted"
-        record.submitted_at = now
-        with store_errors(self.url):
-            pipe = self.redis.pipeline(transaction=True)
-            pipe.set(self.keys.batch(record.key), record.model_dump_json())
-            pipe.zrem(self.keys.batches("intents"), record.key)
-            pipe.zadd(self.keys.batches("inflight"), {record.key: first_poll_at})
-            pipe.hset(self.keys.batches("byid"), batch_id, record.key)
-            pipe.execute()
+        self,
+        record: BatchRecord,
+        batch_id: str,
+        now: float,
+        first_poll_at: float,
+        by: Recorder = "worker",
+    ) -> bool:
+        """The provider's id, recorded the moment ``create`` returns (or an orphan is adopted).
 
-    def save(self, record: BatchRecord) -> None:
+        Refused (False) when ``by`` no longer holds the intent: a worker whose intent was
+        reaped, or a reconciler whose reaped intent another one settled.
+        """
+        done = record.model_copy(
+            update={"batch_id": batch_id, "state": "submitted", "submitted_at": now}
+        )
+        keys = [
+            self.keys.batch(record.key),
+            self.keys.batches("intents"),
+            self.keys.batches("reaping"),
+            self.keys.batches("inflight"),
+            self.keys.batches("byid"),
+        ]
+        args = [record.key, by, done.model_dump_json(), batch_id, repr(first_poll_at)]
         with store_errors(self.url):
-            self.redis.set(self.keys.batch(record.key), record.model_dump_json())
+            ok = bool(self._scripts["batch_submitted"](keys=keys, args=args))
+        if ok:
+            record.batch_id, record.state, record.submitted_at = batch_id, "submitted", now
+        return ok
+
+    def save(self, record: BatchRecord) -> bool:
+        """Write back a record read with ``get``, unless it was written since (then False)."""
+        if record._digest is None:
+            raise ValueError(f"batch {record.key}: save takes a record read with get()")
+        text = record.model_dump_json()
+        with store_errors(self.url):
+            ok = bool(
+                self._scripts["batch_save"](
+                    keys=[self.keys.batch(record.key)], args=[record._digest, text]
+                )
+            )
+        if ok:
+            record._digest = hashlib.sha1(text.encode()).hexdigest()
+        return ok
 
     def get(self, key: str) -> BatchRecord:
         with store_errors(self.url):
             raw = self.redis.get(self.keys.batch(key))
         if raw is None:
             raise NotFound(key)
-        return BatchRecord.model_validate_json(raw)
+        record = BatchRecord.model_validate_json(raw)
+        record._digest = hashlib.sha1(raw).hexdigest()
+        return record
 
     def known_batch_ids(self) -> list[str]:
         """Provider batch ids already recorded (an orphan search must not adopt them)."""
@@ -201,9 +272,69 @@ class BatchRegistry:
             return [r.decode() for r in self.redis.hkeys(self.keys.batches("byid"))]
 
     def stale_intents(self, older_than: float) -> list[str]:
+        """Intents whose worker (or reconciler) has not beaten since ``older_than``."""
+        return self._stale("intents", "intent", older_than)
+
+    def stale_takes(self, older_than: float) -> list[str]:
+        """Takes whose worker (or reconciler) has not beaten since ``older_than``."""
+        return self._stale("takes", "take", older_than)
+
+    def _stale(self, index: Literal["intents", "takes"], kind: str, older_than: float) -> list[str]:
         with store_errors(self.url):
-            raw = self.redis.zrangebyscore(self.keys.batches("intents"), "-inf", older_than)
-        return [r.decode() for r in raw]
+            pipe = self.redis.pipeline(transaction=False)
+            pipe.zrangebyscore(self.keys.batches(index), "-inf", older_than)
+            pipe.zrangebyscore(self.keys.batches("reaping"), "-inf", older_than)
+            live, reaping = pipe.execute()
+        prefix = f"{kind}:"
+        names = [r.decode() for r in live]
+        return names + [r.decode()[len(prefix) :] for r in reaping if r.decode().startswith(prefix)]
+
+    def reap(
+        self, kind: Literal["intent", "take"], name: str, older_than: float, now: float
+    ) -> bool:
+        """Claim a stale intent or take for this reconciler; False when its worker is alive
+        (it beat since ``older_than``), another reconciler holds it, or it is gone."""
+        index = self.keys.batches("intents" if kind == "intent" else "takes")
+        keys = [index, self.keys.batches("reaping")]
+        args = [name, f"{kind}:{name}", repr(older_than), repr(now)]
+        with store_errors(self.url):
+            return bool(self._scripts["batch_reap"](keys=keys, args=args))
+
+    def beat(
+        self,
+        now: float,
+        *,
+        takes: Iterable[str] = (),
+        intents: Iterable[str] = (),
+        reaping: Iterable[str] = (),
+    ) -> None:
+        """Renew the beat of what this process works on; something reaped is not revived."""
+        live: dict[BatchIndex, list[str]] = {
+            "takes": list(takes),
+            "intents": list(intents),
+            "reaping": list(reaping),
+        }
+        if not any(live.values()):
+            return
+        with store_errors(self.url):
+            pipe = self.redis.pipeline(transaction=True)
+            for index, names in live.items():
+                if names:
+                    pipe.zadd(self.keys.batches(index), dict.fromkeys(names, now), xx=True)
+            pipe.execute()
+
+    def abandon(self, record: BatchRecord, now: float, note: str) -> bool:
+        """Close a reaped intent never created (its members requeued first); False when another
+        reconciler settled it meanwhile."""
+        closed = record.model_copy(update={"state": "failed", "finished_at": now, "note": note})
+        keys = [
+            self.keys.batch(record.key),
+            self.keys.batches("reaping"),
+            self.keys.batches("intents"),
+        ]
+        args = [record.key, closed.model_dump_json(), CLOSED_TTL_S]
+        with store_errors(self.url):
+            return bool(self._scripts["batch_abandon"](keys=keys, args=args))
 
     def due(self, now: float, limit: int = 100) -> list[str]:
         with store_errors(self.url):
@@ -221,14 +352,12 @@ class BatchRegistry:
             self.redis.zadd(self.keys.batches("inflight"), {key: at}, xx=True)
 
     def claim_collect(self, key: str, lease_s: float, now: float) -> bool:
-        """One collector at a time: push the next poll past the collection's lease."""
+        """One collector at a time: a due batch's next look is pushed past the lease, in one
+        script, so a second collector finds it not due."""
         with store_errors(self.url):
-            score = self.redis.zscore(self.keys.batches("inflight"), key)
-            if score is None:
-                return False
             return bool(
-                self.redis.zadd(
-                    self.keys.batches("inflight"), {key: now + lease_s}, xx=True, ch=True
+                self._scripts["batch_claim_collect"](
+                    keys=[self.keys.batches("inflight")], args=[key, repr(now), repr(now + lease_s)]
                 )
             )
 
@@ -240,9 +369,10 @@ class BatchRegistry:
         record.note = note
         with store_errors(self.url):
             pipe = self.redis.pipeline(transaction=True)
-            pipe.set(self.keys.batch(record.key), record.model_dump_json(), ex=14 * 86400)
+            pipe.set(self.keys.batch(record.key), record.model_dump_json(), ex=CLOSED_TTL_S)
             pipe.zrem(self.keys.batches("inflight"), record.key)
             pipe.zrem(self.keys.batches("intents"), record.key)
+            pipe.zrem(self.keys.batches("reaping"), f"intent:{record.key}")
             pipe.execute()
 
     def counts(self) -> dict[str, int]:
@@ -250,5 +380,7 @@ class BatchRegistry:
             pipe = self.redis.pipeline(transaction=False)
             pipe.zcard(self.keys.batches("inflight"))
             pipe.zcard(self.keys.batches("intents"))
-            inflight, intents = pipe.execute()
-        return {"inflight": inflight, "intents": intents}
+            pipe.zcard(self.keys.batches("takes"))
+            pipe.zcard(self.keys.batches("reaping"))
+            inflight, intents, takes, reaping = pipe.execute()
+        return {"inflight": inflight, "intents": intents, "takes": takes, "reaping": reaping}

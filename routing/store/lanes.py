@@ -9,13 +9,16 @@ Submitting (``routing.store.submit``), reading (``routing.store.reads``) and the
 
 from __future__ import annotations
 
+import logging
 import time
 import uuid
 from collections.abc import Iterable, Sequence
 from typing import Any
 
 import redis
+from pydantic import ValidationError
 
+from routing.decide.tables import first_error
 from routing.errors import NotFound
 from routing.keys import Keys
 from routing.models import (
@@ -28,15 +31,40 @@ from routing.models import (
     StoredResult,
 )
 from routing.states import FINISHED, LEASED, State
-from routing.store.base import decode, dumps, store_errors
+from routing.store.base import CANCELLABLE, CANCELLED, decode, dumps, store_errors, url_errors
 from routing.store.dlq import DeadLetters
 from routing.store.reads import ReadOps
 from routing.store.scripts import Scripts
 from routing.store.submit import SubmitOps
 
-__all__ = ["DEFAULT_RESULT_TTL_S", "LaneStore"]
+__all__ = ["DEFAULT_RESULT_TTL_S", "INVALID_STORED", "Claims", "LaneStore"]
+
+log = logging.getLogger(__name__)
 
 DEFAULT_RESULT_TTL_S = 7 * 86400
+#: The error code of a stored request that cannot be read back (an older version wrote it, or a
+#: hand edit): it fails alone at its claim, with what is wrong, and is delivered like any failure.
+INVALID_STORED = "invalid_stored_request"
+
+
+class Claims(list[Claimed]):
+    """What a claim took: the requests to route, and in ``failed`` the ids of stored requests
+    that could not be read back and were FAILED instead (their delivery is the caller's to send)."""
+
+    def __init__(self, claimed: Iterable[Claimed] = ()) -> None:
+        super().__init__(claimed)
+        self.failed: list[str] = []
+
+
+def _read_claimed(data: bytes, problem: str) -> Prepared | str:
+    """The stored request, or why it cannot be run (its claim.lua problem, or a validation error)."""
+    if problem:
+        return problem
+    try:
+        return Prepared.model_validate_json(data)
+    except ValidationError as exc:
+        field, message = first_error(exc)
+        return f"its stored {field or 'data'} is invalid: {message}"
 
 
 class LaneStore(SubmitOps, ReadOps):
@@ -61,7 +89,8 @@ class LaneStore(SubmitOps, ReadOps):
 
     @classmethod
     def from_url(cls, url: str, **kwargs: Any) -> LaneStore:
-        client = redis.Redis.from_url(url, health_check_interval=30)
+        with url_errors(url):
+            client = redis.Redis.from_url(url, health_check_interval=30)
         return cls(client, url=url, **kwargs)
 
     def close(self) -> None:
@@ -80,12 +109,15 @@ class LaneStore(SubmitOps, ReadOps):
 
     # -- claim and lease transitions --------------------------------------------------------
 
-    def claim(
-        self, lane: str, n: int, *, lease_s: float, now: float | None = None
-    ) -> list[Claimed]:
-        """Up to ``n`` queued requests of ``lane``, earliest deadline first, each under a lease."""
+    def claim(self, lane: str, n: int, *, lease_s: float, now: float | None = None) -> Claims:
+        """Up to ``n`` queued requests of ``lane``, earliest deadline first, each under a lease.
+
+        A stored request that cannot be read back (an older version's, a hand edit's) is FAILED
+        alone, with the reason, and its id is in ``failed`` for the caller to deliver: one bad
+        request never stops a lane.
+        """
         if n <= 0:
-            return []
+            return Claims()
         now = time.time() if now is None else now
         token = uuid.uuid4().hex
         k = self.keys
@@ -108,25 +140,34 @@ class LaneStore(SubmitOps, ReadOps):
                     State.CLAIMED.value,
                 ],
             )
-        return [
-            Claimed(
-                id=decode(flat[i]),
-                token=token,
-                attempts=int(flat[i + 1]),
-                request=Prepared.model_validate_json(flat[i + 2]),
+        out = Claims()
+        unreadable: list[tuple[str, str, State, StoredResult]] = []
+        for i in range(0, len(flat), 4):
+            rid = decode(flat[i])
+            request = _read_claimed(flat[i + 2], decode(flat[i + 3]))
+            if isinstance(request, Prepared):
+                out.append(Claimed(id=rid, token=token, attempts=int(flat[i + 1]), request=request))
+                continue
+            log.warning("stored request cannot be run", extra={"request_id": rid, "why": request})
+            error = ErrorInfo(
+                code=INVALID_STORED, message=f"the stored request cannot be run: {request}"
             )
-            for i in range(0, len(flat), 3)
-        ]
+            unreadable.append((rid, token, State.FAILED, StoredResult(error=error)))
+        won = self.finish_many(unreadable, now=now)
+        out.failed.extend(rid for (rid, *_), ok in zip(unreadable, won, strict=True) if ok)
+        return out
 
     def claim_lanes(
         self, lanes: Sequence[LaneSpec], n: int, *, lease_s: float, now: float | None = None
-    ) -> list[Claimed]:
+    ) -> Claims:
         """Claim across lanes by priority: an urgent request never waits behind bulk work."""
-        out: list[Claimed] = []
+        out = Claims()
         for spec in sorted(lanes, key=lambda s: -s.priority):
             if len(out) >= n:
                 break
-            out.extend(self.claim(spec.name, n - len(out), lease_s=lease_s, now=now))
+            got = self.claim(spec.name, n - len(out), lease_s=lease_s, now=now)
+            out.extend(got)
+            out.failed.extend(got.failed)
         return out
 
     def start(
@@ -165,6 +206,25 @@ class LaneStore(SubmitOps, ReadOps):
                 )
             return [bool(x) for x in pipe.execute()] if claimed else []
 
+    def renew_many(
+        self, held: Sequence[tuple[str, str]], *, lease_s: float, now: float | None = None
+    ) -> list[bool]:
+        """A running worker's heartbeat: push each (id, token)'s lease to ``now + lease_s``.
+
+        False where the request is no longer ours (requeued, cancelled, finished): one round trip.
+        """
+        now = time.time() if now is None else now
+        with store_errors(self.url):
+            pipe = self.redis.pipeline(transaction=False)
+            for request_id, token in held:
+                k = self.request_keys(request_id)
+                self.scripts["renew"](
+                    keys=[k["req"], k["leases"]],
+                    args=[request_id, token, repr(now + lease_s), *[s.value for s in LEASED]],
+                    client=pipe,
+                )
+            return [bool(x) for x in pipe.execute()] if held else []
+
     def finish(
         self,
         request_id: str,
@@ -182,34 +242,18 @@ class LaneStore(SubmitOps, ReadOps):
     ) -> list[bool]:
         """``finish`` for many (id, token, outcome, result) in one pipelined round trip."""
         now = time.time() if now is None else now
-        froms = [s.value for s in (*LEASED, State.SUBMITTED)]
+        froms = (*LEASED, State.SUBMITTED)
+        for _, _, outcome, _ in items:
+            if outcome not in FINISHED:
+                raise ValueError(f"{outcome} is not an outcome")
         with store_errors(self.url):
             pipe = self.redis.pipeline(transaction=False)
             for request_id, token, outcome, result in items:
-                if outcome not in FINISHED:
-                    raise ValueError(f"{outcome} is not an outcome")
-                k = self.request_keys(request_id)
-                self.scripts["finish"](
-                    keys=[
-                        k["req"],
-                        k["leases"],
-                        k["outbox"],
-                        k["finished"],
-                        k["counts"],
-                        k["notify"],
-                    ],
-                    args=[
-                        request_id,
-                        token,
-                        outcome.value,
-                        dumps(result.stored()),
-                        repr(now),
-                        self.result_ttl_s,
-                        *froms,
-                    ],
-                    client=pipe,
+                call = self.settle_call(
+                    request_id, token, outcome, dumps(result.stored()), now, froms
                 )
-            return [bool(x) for x in pipe.execute()] if items else []
+                self.scripts["settle"](*call, client=pipe)
+            return [bool(int(x[0])) if x else False for x in pipe.execute()] if items else []
 
     def requeue(
         self,
@@ -222,41 +266,32 @@ class LaneStore(SubmitOps, ReadOps):
     ) -> State | None:
         """Back to the lane after a retryable failure; FAILED once attempts are used up.
 
-        Returns the new state, or None when the request was no longer ours.
+        One script either way: the FAILED result (``error`` with "gave up after N attempts")
+        is stored in the same step that finds the attempts used up. ``token`` ``"*"`` is the
+        sweeper, allowed once the lease has run out. Returns the new state, or None when the
+        request was no longer ours.
         """
         now = time.time() if now is None else now
-        k = self.request_keys(request_id)
+        marker = uuid.uuid4().hex
+        final = error.model_copy(
+            update={"message": f"{error.message} (gave up after {marker} attempts)"}
+        )
+        stored = dumps(StoredResult(status_code=error.status_code, error=final).stored())
+        head, _, tail = stored.partition(marker)
         with store_errors(self.url):
-            code = self.scripts["requeue"](
-                keys=[k["req"], k["leases"], k["q"], k["qage"], k["delayed"], k["counts"]],
-                args=[
+            out = self.scripts["settle"](
+                *self.settle_call(
                     request_id,
                     token,
-                    repr(now),
-                    repr(ready_at or now),
+                    State.QUEUED,
                     error.model_dump_json(),
-                    State.QUEUED.value,
-                    State.CLAIMED.value,
-                    *[s.value for s in (*LEASED, State.SUBMITTED)],
-                ],
+                    now,
+                    (*LEASED, State.SUBMITTED),
+                    ready_at=ready_at,
+                    gave_up=(head, tail),
+                )
             )
-        if code == 1:
-            return State.QUEUED
-        if code == -1:
-            with store_errors(self.url):
-                attempts = self.redis.hget(k["req"], "attempts")
-            final = error.model_copy(
-                update={"message": f"{error.message} (gave up after {decode(attempts)} attempts)"}
-            )
-            ok = self.finish(
-                request_id,
-                token,
-                State.FAILED,
-                StoredResult(status_code=error.status_code, error=final),
-                now=now,
-            )
-            return State.FAILED if ok else None
-        return None
+        return State(decode(out[2])) if out and int(out[0]) else None
 
     def drop(
         self,
@@ -269,30 +304,10 @@ class LaneStore(SubmitOps, ReadOps):
     ) -> tuple[bool, State | None]:
         """Finish a request wherever it waits (cancel, expiry); a late worker answer is refused."""
         now = time.time() if now is None else now
-        k = self.request_keys(request_id)
-        result = {"error": error.model_dump() if error else None}
+        result = dumps(StoredResult(error=error).stored())
         with store_errors(self.url):
-            out = self.scripts["drop"](
-                keys=[
-                    k["req"],
-                    k["q"],
-                    k["qage"],
-                    k["delayed"],
-                    k["leases"],
-                    k["outbox"],
-                    k["finished"],
-                    k["counts"],
-                    k["notify"],
-                ],
-                args=[
-                    request_id,
-                    outcome.value,
-                    dumps(result),
-                    repr(now),
-                    self.result_ttl_s,
-                    *[s.value for s in from_states],
-                ],
-            )
+            call = self.settle_call(request_id, "", outcome, result, now, tuple(from_states))
+            out = self.scripts["settle"](*call)
         if not out:
             return False, None
         return bool(int(out[0])), State(decode(out[1]))
@@ -300,11 +315,7 @@ class LaneStore(SubmitOps, ReadOps):
     def cancel(self, request_id: str, *, now: float | None = None) -> State:
         """Cancel unless already finished; returns the state the request is in afterwards."""
         dropped, state = self.drop(
-            request_id,
-            State.CANCELLED,
-            ErrorInfo(code="cancelled", message="cancelled by the caller"),
-            from_states=(State.QUEUED, *LEASED, State.SUBMITTED),
-            now=now,
+            request_id, State.CANCELLED, CANCELLED, from_states=CANCELLABLE, now=now
         )
         if state is None:
             raise NotFound(request_id)
@@ -336,6 +347,26 @@ class LaneStore(SubmitOps, ReadOps):
         with store_errors(self.url):
             raw = self.redis.zrangebyscore(self.keys.outbox(lane), "-inf", now, start=0, num=limit)
         return [decode(r) for r in raw]
+
+    def trim(self, lane: str, now: float, limit: int = 10_000) -> tuple[int, int]:
+        """Forget what ``lane`` served whose results expired: (finished entries, dead letters).
+
+        Request hashes expire by themselves (``result_ttl_s`` after they finish); what indexes
+        them does not, so the sweeper calls this and a lane's keys stay bounded by the traffic
+        of the last ``result_ttl_s``, not by all it ever served.
+        """
+        k = self.keys
+        with store_errors(self.url):
+            removed, dead = self.scripts["trim"](
+                keys=[
+                    k.finished(lane),
+                    k.dead_letters(lane),
+                    k.dead_letters(lane, "entries"),
+                    k.counts(lane),
+                ],
+                args=[repr(now - self.result_ttl_s), k.request_prefix(lane), limit],
+            )
+        return int(removed), int(dead)
 
     # -- delivery -------------------------------------------------------------------------
 
@@ -373,7 +404,7 @@ class LaneStore(SubmitOps, ReadOps):
                 k = self.request_keys(rid)
                 self.scripts["deliver_done"](
                     keys=[k["req"], k["outbox"], k["counts"]],
-                    args=[rid, repr(now), self.result_ttl_s, State.DELIVERED.value, ""],
+                    args=[rid, repr(now), self.result_ttl_s, State.DELIVERED.value],
                     client=pipe,
                 )
             return [bool(x) for x in pipe.execute()] if request_ids else []

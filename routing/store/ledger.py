@@ -3,6 +3,10 @@
 Totals are kept by lane, tenant, spend tag and route, in one hash, so a fresh process (or the
 metrics server) reads the same numbers. They are added only by the call whose ``finish`` won,
 so a repeated message never counts a request twice. ``mixbatch costs`` prints them.
+
+Spend tags come from producers' metadata, so their number is capped (``MAX_COST_TAGS``): past
+it, a new tag's amounts are added to ``tag:other`` (one script, ``ledger_add``, so two workers
+cannot both take the last place).
 """
 
 from __future__ import annotations
@@ -12,8 +16,13 @@ from collections.abc import Sequence
 from pydantic import BaseModel
 
 from routing.models import Prepared, Route
-from routing.store.base import store_errors
+from routing.store.base import dumps, store_errors
 from routing.store.lanes import LaneStore
+
+#: Distinct ``tag:KEY=VALUE`` rows the ledger keeps; later new tags are summed as ``tag:other``.
+MAX_COST_TAGS = 1000
+#: Totals kept for each field of the ledger (its other fields are its own bookkeeping).
+_MEASURES = ("cost", "saved", "count")
 
 
 class Cost(BaseModel):
@@ -31,7 +40,7 @@ def record(store: LaneStore, request: Prepared, route: Route, cost: Cost) -> Non
 
 
 def record_many(store: LaneStore, entries: Sequence[tuple[Prepared, Route, Cost]]) -> None:
-    """Add many finished requests, summed per field first: one small transaction."""
+    """Add many finished requests, summed per field first: one script."""
     sums: dict[str, list[float]] = {}
     for request, route, cost in entries:
         fields = [f"lane:{request.lane}", f"tenant:{request.tenant}", f"route:{route.value}", "all"]
@@ -43,14 +52,9 @@ def record_many(store: LaneStore, entries: Sequence[tuple[Prepared, Route, Cost]
             acc[2] += 1
     if not sums:
         return
-    key = store.keys.ledger()
+    rows = [[f, repr(cost), repr(saved), str(int(n))] for f, (cost, saved, n) in sums.items()]
     with store_errors(store.url):
-        pipe = store.redis.pipeline(transaction=True)
-        for f, (cost_usd, saved_usd, count) in sums.items():
-            pipe.hincrbyfloat(key, f"cost|{f}", cost_usd)
-            pipe.hincrbyfloat(key, f"saved|{f}", saved_usd)
-            pipe.hincrby(key, f"count|{f}", int(count))
-        pipe.execute()
+        store.scripts["ledger_add"](keys=[store.keys.ledger()], args=[MAX_COST_TAGS, dumps(rows)])
 
 
 def totals(store: LaneStore) -> dict[str, dict[str, dict[str, float]]]:
@@ -60,6 +64,8 @@ def totals(store: LaneStore) -> dict[str, dict[str, dict[str, float]]]:
     out: dict[str, dict[str, dict[str, float]]] = {}
     for k, v in raw.items():
         measure, _, field = k.decode().partition("|")
+        if measure not in _MEASURES:
+            continue
         group, _, name = field.partition(":")
         if field == "all":
             group, name = "all", "all"

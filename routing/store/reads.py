@@ -7,10 +7,14 @@ whole, or the fields asked for, in one pipelined round trip per call.
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections.abc import Iterable, Sequence
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
+from pydantic import TypeAdapter, ValidationError
+
+from routing.callbacks import CallbackSpec
 from routing.errors import NotFound, ResultTimeout
 from routing.keys import lane_of
 from routing.models import ErrorInfo, LaneStats, Prepared, Result, Route, StatusInfo
@@ -19,6 +23,40 @@ from routing.store.base import StoreBase, decode, dumps, store_errors
 
 #: Below redis-py's default socket timeout (5 s), so a BLPOP never trips it.
 _WAIT_SLICE_S = 2.0
+_CALLBACK: TypeAdapter[Any] = TypeAdapter(CallbackSpec | None)
+
+
+def _number(h: dict[str, str], field: str, default: float = 0.0) -> float:
+    """A stored number, or ``default`` where an older version or a hand edit left none."""
+    try:
+        value = float(h[field])
+    except (KeyError, ValueError):
+        return default
+    return value if math.isfinite(value) else default
+
+
+def _object(raw: str | None) -> dict[str, Any]:
+    """Stored JSON that should be an object; ``{}`` when it is not (never a read that raises)."""
+    try:
+        value = json.loads(raw or "{}")
+    except ValueError:
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def _for_delivery(data: str) -> Prepared:
+    """The stored request a delivery needs. One that no longer validates (failed at its claim as
+    ``invalid_stored_request``) still carries its callback when that part reads, so its failure
+    reaches the caller's sink; otherwise it has none, and waits in the result store."""
+    try:
+        return Prepared.model_validate_json(data)
+    except ValidationError:
+        pass
+    try:
+        callback = _CALLBACK.validate_python(_object(data).get("callback"))
+    except ValidationError:
+        callback = None
+    return Prepared.model_construct(callback=callback)
 
 
 class Holder(NamedTuple):
@@ -40,7 +78,11 @@ class ReadOps(StoreBase):
         return {decode(k): decode(v) for k, v in raw.items()}
 
     def holders(self, request_ids: Sequence[str]) -> dict[str, Holder]:
-        """Request, state and lease token of many requests in one round trip (gone ones left out)."""
+        """Request, state and lease token of many requests in one round trip.
+
+        Gone ones are left out, and so are unreadable ones (an older version's, a hand edit's):
+        their lease runs out and their next claim fails them alone, with the reason.
+        """
         with store_errors(self.url):
             pipe = self.redis.pipeline(transaction=False)
             for rid in request_ids:
@@ -48,10 +90,15 @@ class ReadOps(StoreBase):
             rows = pipe.execute()
         out: dict[str, Holder] = {}
         for rid, (data, state, token) in zip(request_ids, rows, strict=True):
-            if data is not None and state is not None:
-                out[rid] = Holder(
+            if data is None or state is None:
+                continue
+            try:
+                holder = Holder(
                     Prepared.model_validate_json(data), State(decode(state)), decode(token or b"")
                 )
+            except ValueError:  # pydantic's ValidationError is one
+                continue
+            out[rid] = holder
         return out
 
     def prepared(self, request_id: str) -> Prepared:
@@ -60,7 +107,7 @@ class ReadOps(StoreBase):
     def status(self, request_id: str) -> StatusInfo:
         h = self._hash(request_id)
         err_raw = h.get("last_error") or None
-        result = json.loads(h["result"]) if h.get("result") else {}
+        result = _object(h.get("result"))
         if result.get("error"):
             err_raw = dumps(result["error"])
         return StatusInfo(
@@ -70,11 +117,11 @@ class ReadOps(StoreBase):
             lane=lane_of(request_id),
             tenant=h.get("tenant", "default"),
             custom_id=h.get("custom_id") or None,
-            attempts=int(h.get("attempts", 0)),
-            max_attempts=int(h.get("max_attempts", 1)),
-            deadline=float(h["deadline"]),
-            created_at=float(h["created_at"]),
-            updated_at=float(h.get("updated_at", h["created_at"])),
+            attempts=int(_number(h, "attempts")),
+            max_attempts=int(_number(h, "max_attempts", 1)),
+            deadline=_number(h, "deadline"),
+            created_at=_number(h, "created_at"),
+            updated_at=_number(h, "updated_at", _number(h, "created_at")),
             route=Route(h["route"]) if h.get("route") else None,
             error=ErrorInfo.model_validate_json(err_raw) if err_raw else None,
         )
@@ -86,8 +133,8 @@ class ReadOps(StoreBase):
     def _result_from_hash(self, request_id: str, h: dict[str, str]) -> Result | None:
         if not h.get("outcome"):
             return None
-        data = json.loads(h["data"])
-        stored = json.loads(h.get("result") or "{}")
+        data = _object(h.get("data"))
+        stored = _object(h.get("result"))
         return Result(
             id=request_id,
             custom_id=h.get("custom_id") or None,
@@ -104,10 +151,10 @@ class ReadOps(StoreBase):
             saved_usd=stored.get("saved_usd"),
             model=data.get("model"),
             endpoint=data.get("endpoint"),
-            attempts=int(h.get("attempts", 0)),
-            deadline=float(h["deadline"]),
-            created_at=float(h["created_at"]),
-            finished_at=float(h["finished_at"]) if h.get("finished_at") else None,
+            attempts=int(_number(h, "attempts")),
+            deadline=_number(h, "deadline"),
+            created_at=_number(h, "created_at"),
+            finished_at=_number(h, "finished_at") if h.get("finished_at") else None,
             delivered=h.get("state") == State.DELIVERED.value,
         )
 
@@ -194,5 +241,5 @@ class ReadOps(StoreBase):
                 continue
             res = self._result_from_hash(rid, h)
             if res is not None:
-                out[rid] = (Prepared.model_validate_json(h["data"]), res)
+                out[rid] = (_for_delivery(h.get("data", "")), res)
         return out

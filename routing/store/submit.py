@@ -7,10 +7,12 @@ Part of ``LaneStore`` (``routing.store.lanes``); the scripts are ``claim_ids``, 
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Iterable, Sequence
+from typing import Any
 
-from routing.errors import LaneFull
+from routing.errors import InvalidRequest, LaneFull
 from routing.keys import lane_of, new_request_id
 from routing.models import Prepared, ServiceConfig, Ticket
 from routing.states import State
@@ -22,6 +24,11 @@ log = logging.getLogger(__name__)
 TAKEOVER_S = 30.0
 #: Requests per Lua call in bulk submit: long enough to amortise, short enough not to stall Redis.
 _SCRIPT_CHUNK = 1000
+#: A custom_id is remembered until its request's result expires, counting from its deadline,
+#: but never counting more than this wait: a far deadline must not keep a key for a year.
+IDEMPOTENCY_WAIT_MAX_S = 28 * 86400
+#: And a little past that, for a request answered after its deadline.
+IDEMPOTENCY_SLACK_S = 3600
 
 
 class SubmitOps(StoreBase):
@@ -40,6 +47,8 @@ class SubmitOps(StoreBase):
         (``accepted``) and the refused indices (``rejected``); resubmitting is safe.
         """
         now = time.time() if now is None else now
+        for i, p in enumerate(items):
+            _check_numbers(p, i)
         ids = [new_request_id(p.lane, now) for p in items]
         first_of: dict[str, int] = {}
         alias: dict[int, int] = {}
@@ -65,6 +74,9 @@ class SubmitOps(StoreBase):
             outcomes = self._create(items, ids, sorted(create), lanes, now)
         full: dict[str, list[int]] = {}
         for i, code in outcomes:
+            if code == -2:
+                self._release_idempotency([(items[i], ids[i])])
+                raise _unorderable(i, "deadline")
             if code == -1:
                 full.setdefault(lane_of(ids[i]), []).append(i)
                 continue
@@ -155,7 +167,10 @@ class SubmitOps(StoreBase):
         return won
 
     def _idem_ttl(self, item: Prepared, now: float) -> int:
-        return int(max(item.deadline - now, 0) + self.result_ttl_s + 3600)
+        """Seconds to keep a custom_id: the wait to its deadline (at most
+        ``IDEMPOTENCY_WAIT_MAX_S``), the result's TTL, and ``IDEMPOTENCY_SLACK_S``."""
+        wait = min(max(item.deadline - now, 0.0), IDEMPOTENCY_WAIT_MAX_S)
+        return int(wait + self.result_ttl_s + IDEMPOTENCY_SLACK_S)
 
     def _create(
         self,
@@ -212,33 +227,43 @@ class SubmitOps(StoreBase):
         if self.cluster:
             return self.submit_many([item], lanes, now=now)[0]
         now = time.time() if now is None else now
+        _check_numbers(item, 0)
         rid = new_request_id(item.lane, now)
-        k = self.keys
-        req = k.request(rid)
-        idem = k.idempotency(item.tenant, item.custom_id) if item.custom_id else req
+        keys, args = self.submit_one_call(item, rid, lanes, now)
         with store_errors(self.url):
-            out = self.scripts["submit_one"](
-                keys=[idem, req, k.queue(item.lane), k.queue_age(item.lane), k.counts(item.lane)],
-                args=[
-                    rid,
-                    repr(item.deadline),
-                    item.model_dump_json(),
-                    lanes.lane(item.lane).max_queued,
-                    repr(now),
-                    item.tenant,
-                    item.custom_id or "",
-                    item.max_attempts,
-                    State.QUEUED.value,
-                    f"{rid}|{now!r}",
-                    self._idem_ttl(item, now),
-                ],
-            )
+            out = self.scripts["submit_one"](keys=keys, args=args)
         code = int(out[0])
         if code == 1:
             return Ticket(id=rid, custom_id=item.custom_id, lane=item.lane, deadline=item.deadline)
         if code == -1:
             raise LaneFull(item.lane, lanes.lane(item.lane).max_queued, rejected=[0])
+        if code == -2:
+            raise _unorderable(0, "deadline")
         return self.submit_many([item], lanes, now=now)[0]
+
+    def submit_one_call(
+        self, item: Prepared, rid: str, lanes: ServiceConfig, now: float
+    ) -> tuple[list[str], list[Any]]:
+        """``submit_one.lua``'s KEYS and ARGV for ``item`` under id ``rid``; pure, so
+        ``routing.async_client`` sends the very same call."""
+        k = self.keys
+        req = k.request(rid)
+        idem = k.idempotency(item.tenant, item.custom_id) if item.custom_id else req
+        keys = [idem, req, k.queue(item.lane), k.queue_age(item.lane), k.counts(item.lane)]
+        args = [
+            rid,
+            repr(item.deadline),
+            item.model_dump_json(),
+            lanes.lane(item.lane).max_queued,
+            repr(now),
+            item.tenant,
+            item.custom_id or "",
+            item.max_attempts,
+            State.QUEUED.value,
+            f"{rid}|{now!r}",
+            self._idem_ttl(item, now),
+        ]
+        return keys, args
 
     def _release_idempotency(self, pairs: Iterable[tuple[Prepared, str]]) -> None:
         """Free the custom_id of a request that was refused, but only if it still points at it."""
@@ -247,3 +272,29 @@ class SubmitOps(StoreBase):
             for p, rid in pairs:
                 if p.custom_id is not None:
                     release(keys=[self.keys.idempotency(p.tenant, p.custom_id)], args=[rid])
+
+
+def _check_numbers(item: Prepared, index: int) -> None:
+    """Refuse a request Redis could not order, before anything is written.
+
+    ``Prepared`` already refuses these; this catches one built without validation
+    (``model_construct``, ``model_copy(update=...)``). The scripts check again and write nothing
+    for such a request (code -2), so none is ever stored half made.
+    """
+    for name in ("deadline", "created_at"):
+        value = getattr(item, name)
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, int | float)
+            or not math.isfinite(value)
+        ):
+            raise _unorderable(index, name)
+    attempts = item.max_attempts
+    if isinstance(attempts, bool) or not isinstance(attempts, int) or attempts < 1:
+        raise _unorderable(index, "max_attempts")
+
+
+def _unorderable(index: int, field: str) -> InvalidRequest:
+    return InvalidRequest(
+        f"request {index}: its {field} is not a finite number the store can keep", field=field
+    )

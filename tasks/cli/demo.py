@@ -140,9 +140,15 @@ def render(rows: list[Row]) -> Table:
 
 
 def run_demo(
-    data_dir: Path, n: int = 300, timeout_s: float = 180.0, console: Console | None = None
+    data_dir: Path,
+    n: int = 300,
+    timeout_s: float = 180.0,
+    console: Console | None = None,
+    *,
+    as_json: bool = False,
 ) -> int:
-    """Returns the exit code: 0 when every request finished with its own answer."""
+    """Returns the exit code: 0 when every request finished with its own answer. With
+    ``as_json`` the summary goes to stdout as JSON (``console`` then keeps the progress)."""
     import os
 
     from routing.client import Client
@@ -206,11 +212,28 @@ def run_demo(
                     break
                 progress.advance(wait)
     rows = summarize(results)
-    console.print(render(rows))
     good = sum(answer_ok(by_id[r.id]["endpoint"], by_id[r.id]["body"], r) for r in results)
     missing = len(by_id) - len(results)
     cost = sum(r.cost_usd or 0.0 for r in results)
     saved = sum(r.saved_usd or 0.0 for r in results)
+    code = 0 if good == len(by_id) else 1
+    if as_json:
+        from tasks.cli.output import print_json
+
+        print_json(
+            {
+                "requests": len(by_id),
+                "matched": good,
+                "unfinished": missing,
+                "cost_usd": cost,
+                "saved_usd": saved,
+                "rows": [r.model_dump() for r in rows],
+                "logs": str(demo_dir / "logs"),
+                "sandbox": True,
+            }
+        )
+        return code
+    console.print(render(rows))
     console.print(
         f"priced at list prices (config/prices.toml): ${cost:.4f} spent, ${saved:.4f} saved "
         "against all-realtime by the batch route (`mixbatch costs` has the breakdown)"
@@ -219,7 +242,7 @@ def run_demo(
         f"{good}/{len(by_id)} answers matched their own request (sandbox hash check); "
         f"{missing} unfinished; logs in {demo_dir / 'logs'}"
     )
-    return 0 if good == len(by_id) else 1
+    return code
 
 
 def _torch_available() -> bool:

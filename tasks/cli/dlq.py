@@ -1,8 +1,8 @@
 """``mixbatch dlq``: the deliveries that were given up on, with the last error of each.
 
     mixbatch dlq list [--json]
-    mixbatch dlq replay ID | --all      back into the lane's outbox; the sweeper re-sends it
-    mixbatch dlq drop ID                forget the dead letter (the result stays until its TTL)
+    mixbatch dlq replay ID | --all [--json]   back into the lane's outbox; the sweeper re-sends it
+    mixbatch dlq drop ID [--json]             forget the dead letter (the result stays until its TTL)
 
 A dead letter's result is still stored, so a replay after fixing the cause (a receiver that was
 down, a missing secret, an allow-list entry) delivers it, and the sink still applies it once.
@@ -84,7 +84,8 @@ def list_(as_json: bool) -> None:
 @dlq.command()
 @click.argument("request_id", required=False)
 @click.option("--all", "replay_all", is_flag=True, help="replay every dead letter")
-def replay(request_id: str | None, replay_all: bool) -> None:
+@click.option("--json", "as_json", is_flag=True, help="print what was replayed as JSON")
+def replay(request_id: str | None, replay_all: bool, as_json: bool) -> None:
     """Send a dead letter (or --all of them) again: back into its lane's outbox, with a fresh
     count of delivery attempts. The sweeper re-sends it within seconds."""
     if bool(request_id) == replay_all:
@@ -93,6 +94,11 @@ def replay(request_id: str | None, replay_all: bool) -> None:
         st = client.store
         ids = [e["id"] for e in st.dlq.entries()] if replay_all else [str(request_id)]
         gone = [rid for rid in ids if not replay_dead_letter(st, rid)]
+    if as_json:
+        print_json({"replayed": [r for r in ids if r not in gone], "expired": gone})
+        if gone:
+            raise SystemExit(1)
+        return
     for rid in gone:
         err_console.print(
             f"{rid}: its result has expired, nothing to send; `mixbatch dlq drop {rid}` forgets it",
@@ -106,8 +112,12 @@ def replay(request_id: str | None, replay_all: bool) -> None:
 
 @dlq.command()
 @click.argument("request_id")
-def drop(request_id: str) -> None:
+@click.option("--json", "as_json", is_flag=True, help="print what was dropped as JSON")
+def drop(request_id: str, as_json: bool) -> None:
     """Forget a dead letter without delivering it."""
     with open_client() as client:
         drop_dead_letter(client.store, request_id)
+    if as_json:
+        print_json({"dropped": request_id})
+        return
     console.print(f"dropped {request_id}", highlight=False)

@@ -3,8 +3,9 @@
 Every command answers errors in one sentence that names the bad input (no traceback) and exits
 non-zero: 2 for bad input or configuration, 3 when Redis cannot be reached, 4 for backpressure,
 1 otherwise. The commands live one group to a module: ``submit`` (submit, status, results),
-``views`` (lanes, costs, top, health), ``service`` (up, demo, sandbox, metrics, flower), ``dlq``
-and ``explain``.
+``estimate``, ``cancel``, ``views`` (lanes, costs, top, health), ``service`` (up, demo, sandbox,
+metrics, flower), ``dlq`` and ``explain``. Every command that prints a result takes ``--json``;
+the long-running ones (up, sandbox, metrics, flower) print logs, and say so in their help.
 """
 
 from __future__ import annotations
@@ -16,7 +17,9 @@ import click
 from rich.markup import escape
 
 from routing.errors import ConfigError, InvalidRequest, LaneFull, MixbatchError, StoreUnavailable
+from tasks.cli.cancel import cancel
 from tasks.cli.dlq import dlq
+from tasks.cli.estimate import estimate
 from tasks.cli.explain import explain
 from tasks.cli.output import err_console
 from tasks.cli.service import demo, flower, metrics, sandbox, up
@@ -54,8 +57,8 @@ def cli() -> None:
     """
 
 
-for _command in (submit, status, results, lanes, costs, top, health, up, demo, sandbox, metrics,
-                 flower, dlq, explain):  # fmt: skip
+for _command in (submit, estimate, status, results, cancel, lanes, costs, top, health, up, demo,
+                 sandbox, metrics, flower, dlq, explain):  # fmt: skip
     cli.add_command(_command)
 
 

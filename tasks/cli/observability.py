@@ -10,9 +10,9 @@ Where each number comes from:
     lane depth, delayed, leased      ZCARD of the lane's queue, delayed and leases sets
     oldest age, min slack            head of the queue-age set; head of the queue (by deadline)
     per state                        the lane's ``counts`` hash, one field per state
-    finished by route and outcome    ``counts`` fields ``route:<route>:<outcome>`` (finish.lua,
-                                     drop.lua); ``none`` is a request that never got a route
-    deadline misses                  ``counts`` field ``deadline_misses`` (finish.lua)
+    finished by route and outcome    ``counts`` fields ``route:<route>:<outcome>`` (settle.lua);
+                                     ``none`` is a request that never got a route
+    deadline misses                  ``counts`` field ``deadline_misses`` (settle.lua)
     provider batches in flight       the batch registry's in-flight index
     cost and savings                 the ledger of ``routing.store.ledger``
     last sweep                       the heartbeat ``mixbatch.sweep`` writes on each run
@@ -223,8 +223,7 @@ class Observer:
         specs = sorted(self.lanes(), key=lambda s: -s.priority)
         views = [lane_view(spec, self.store.lane_stats(spec.name, now=now)) for spec in specs]
         batches = self._batch_views(now)
-        with store_errors(self.store.url):
-            dead = int(self.store.redis.hlen(self.store.keys.dead_letters()))
+        dead = self.store.dlq.count()
         staged = sum(g.count for g in self.registry.groups())
         ledger = totals(self.store)
         routes = {

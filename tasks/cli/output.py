@@ -19,9 +19,11 @@ console = Console()
 err_console = Console(stderr=True)
 
 EXAMPLES = {
-    "up": "mixbatch up                      # embedded Redis + worker, beat, flower",
+    "up": "mixbatch up                      # from any directory: embedded Redis + every process",
     "demo": "mixbatch demo --requests 300",
     "submit": "mixbatch submit batch.jsonl --lane bulk --deadline 6h --wait",
+    "estimate": "mixbatch estimate batch.jsonl --lane bulk --deadline 6h   |   ... --json",
+    "cancel": "mixbatch cancel --file batch.jsonl   |   mixbatch cancel --lane bulk --yes",
     "status": "mixbatch status urgent.01JD3...   |   mixbatch status --json",
     "results": "mixbatch results --out answers.jsonl",
     "lanes": "mixbatch lanes --json",

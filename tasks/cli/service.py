@@ -1,6 +1,6 @@
 """The service's processes: ``mixbatch up``, ``demo``, ``sandbox``, ``metrics`` and ``flower``.
 
-    mixbatch up [--procfile P]                  embedded Redis if needed, then every Procfile process
+    mixbatch up [NAME...] [--procfile P]        embedded Redis if needed, then every process
     mixbatch demo [--requests N]                the main job end to end, offline
     mixbatch sandbox [--port N] [--latency-ms]  the SANDBOX provider on loopback
     mixbatch metrics [--port N] [--once]        the Prometheus endpoint (``tasks.cli.metrics``)
@@ -24,45 +24,70 @@ from config.ops import load_ops_settings
 from routing.errors import ConfigError
 from routing.store.base import redact_url
 from tasks.cli.handles import load_settings, open_observer
-from tasks.cli.output import console, err_console, example
+from tasks.cli.output import console, err_console, example, print_json
 
 
 @click.command()
+@click.argument("names", nargs=-1)
 @click.option(
-    "--procfile", type=click.Path(dir_okay=False, path_type=Path), default=Path("Procfile")
+    "--procfile",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="default: ./Procfile if there is one, else the default process set",
 )
+@click.option("--dry-run", is_flag=True, help="print the processes that would run, then exit")
+@click.option("--json", "as_json", is_flag=True, help="with --dry-run: the processes as JSON")
 @example("up")
-def up(procfile: Path) -> None:
-    """Run the whole service in the foreground: embedded Redis if needed, then every
-    process of the Procfile (through honcho). Ctrl-C stops all of them."""
-    from honcho.environ import parse_procfile
+def up(names: tuple[str, ...], procfile: Path | None, dry_run: bool, as_json: bool) -> None:
+    """Run the whole service in the foreground, from any directory: the embedded Redis unless
+    MIXBATCH_REDIS_URL is set, then every process (through honcho), or only the NAMES given.
+    Ctrl-C or SIGTERM stops all of them.
+
+    The processes are ./Procfile when there is one, else the default set shipped with mixbatch
+    (worker, beat, flower, metrics, and gpu when the gpu extra is installed). The data
+    directory (MIXBATCH_DATA_DIR) is created either way. A long-running process: its output is
+    the processes' logs, so --json applies to --dry-run only."""
     from honcho.manager import Manager
 
     from routing.store.embedded import ensure_running
+    from tasks.cli.procfile import load_processes
 
-    if not procfile.exists():
-        raise ConfigError(
-            f"no Procfile at {procfile}; run from the project directory or pass --procfile"
-        )
+    if as_json and not dry_run:
+        raise click.UsageError("--json goes with --dry-run (a running `up` prints its logs)")
     s = load_settings()
+    bin_dir = str(Path(sys.executable).parent)
+    path = os.pathsep.join([bin_dir, os.environ.get("PATH", "")])
+    chosen = load_processes(procfile, only=names, path=path)
+    if dry_run:
+        if as_json:
+            print_json(chosen.model_dump())
+        else:
+            click.echo(f"from {chosen.source}:")
+            for name, command in chosen.processes.items():
+                click.echo(f"  {name}: {command}")
+        return
+    s.lanes()  # a bad lanes table stops `up` here, before any process starts
+    s.data_dir.mkdir(parents=True, exist_ok=True)  # beat keeps its schedule there, any Redis
     owned = None
     url = s.redis_url
     if not url:
         url, owned = ensure_running(s.data_dir, appendfsync=s.embedded_fsync)
-        console.print(f"embedded Redis at {url} (data in {s.data_dir}/, AOF on)")
+        console.print(f"embedded Redis at {url} (data in {s.data_dir}/, AOF on)", highlight=False)
+    else:
+        console.print(f"Redis at {redact_url(url)}", highlight=False)
+    console.print(f"processes from {chosen.source}: {', '.join(chosen.processes)}")
     os.environ["MIXBATCH_REDIS_URL"] = url
-    bin_dir = str(Path(sys.executable).parent)
-    os.environ["PATH"] = os.pathsep.join([bin_dir, os.environ.get("PATH", "")])
+    os.environ["PATH"] = path
     from config.settings import reset_settings
 
     reset_settings()
-    from tasks.runtime import store
-
-    store().publish_config(load_settings().service_config())
-    manager = Manager()
-    for name, proc in parse_procfile(procfile.read_text()).processes.items():
-        manager.add_process(name, proc, env=dict(os.environ))
     try:
+        from tasks.runtime import store
+
+        store().publish_config(load_settings().service_config())
+        manager = Manager()
+        for name, command in chosen.processes.items():
+            manager.add_process(name, command, env=dict(os.environ))
         manager.loop()
     finally:
         if owned is not None:
@@ -73,13 +98,16 @@ def up(procfile: Path) -> None:
 @click.command()
 @click.option("--requests", "n", default=300, show_default=True, help="size of the sample workload")
 @click.option("--timeout", "timeout_s", default=180.0, show_default=True, help="seconds to wait")
+@click.option("--json", "as_json", is_flag=True, help="print the summary as JSON")
 @example("demo")
-def demo(n: int, timeout_s: float) -> None:
+def demo(n: int, timeout_s: float, as_json: bool) -> None:
     """The main job end to end, offline: embedded Redis, the sandbox provider, a worker and
     beat; submits a mixed-lane workload with a progress bar, waits, prints a summary."""
     from tasks.cli.demo import run_demo
 
-    sys.exit(run_demo(load_settings().data_dir, n=n, timeout_s=timeout_s, console=console))
+    out = err_console if as_json else console
+    data_dir = load_settings().data_dir
+    sys.exit(run_demo(data_dir, n=n, timeout_s=timeout_s, console=out, as_json=as_json))
 
 
 @click.command()
@@ -107,7 +135,8 @@ def sandbox(
     """Serve the SANDBOX provider (OpenAI and Anthropic shapes, fake deterministic answers,
     synchronous endpoints and both batch protocols) on loopback, for running without keys.
     More knobs (line failures, expiry, stuck batches) via POST /sandbox/knobs. Point
-    OPENAI_BASE_URL at http://HOST:PORT/v1 and ANTHROPIC_BASE_URL at http://HOST:PORT."""
+    OPENAI_BASE_URL at http://HOST:PORT/v1 and ANTHROPIC_BASE_URL at http://HOST:PORT.
+    A long-running process: it prints logs, so it has no --json."""
     from routing.sandbox import Knobs
     from routing.sandbox.server import serve
 
@@ -136,7 +165,9 @@ def sandbox(
 def metrics(port: int | None, address: str | None, once: bool) -> None:
     """Serve the Prometheus endpoint (/metrics): lane depth, age and slack, requests by lane,
     route and outcome, deadline misses, batches in flight, cost and savings. Everything is
-    read from Redis on each scrape, so counters survive restarts of any process."""
+    read from Redis on each scrape, so counters survive restarts of any process. A
+    long-running process: no --json (--once prints the Prometheus text format;
+    `mixbatch top --json` has the same numbers as JSON)."""
     from tasks.cli.metrics import build_registry, render_text, serve
 
     ops = load_ops_settings()
@@ -179,7 +210,8 @@ def metrics(port: int | None, address: str | None, once: bool) -> None:
 @example("flower")
 def flower(address: str | None, port: int | None) -> None:
     """Run Flower (the Celery web UI) on the service's broker. A non-loopback address needs
-    MIXBATCH_FLOWER_BASIC_AUTH=user:password; the password never appears on a command line."""
+    MIXBATCH_FLOWER_BASIC_AUTH=user:password; the password never appears on a command line.
+    A long-running process: it prints logs, so it has no --json."""
     from config.flower import run_flower
 
     ops = load_ops_settings()

@@ -113,13 +113,17 @@ class LocalStack:
             st.close()
 
     def _spawn(
-        self, name: str, argv: Sequence[str], cwd: Path | None = None
+        self,
+        name: str,
+        argv: Sequence[str],
+        cwd: Path | None = None,
+        env: Mapping[str, str] | None = None,
     ) -> subprocess.Popen[bytes]:
         log = (self.log_dir / f"{name}.log").open("ab")
         self._logs.append(log)
         proc = subprocess.Popen(
             list(argv),
-            env=self.env(),
+            env={**self.env(), **(env or {})},
             stdout=log,
             stderr=subprocess.STDOUT,
             cwd=cwd,
@@ -138,17 +142,21 @@ class LocalStack:
         loglevel: str = "WARNING",
         cwd: Path | None = None,
         pool: str = "prefork",
+        env: dict[str, str] | None = None,
     ) -> subprocess.Popen[bytes]:
+        """A celery worker; ``env`` is added to this worker's environment only."""
         argv = [
             sys.executable, "-m", "celery", "-A", app, "worker",
             "-Q", ",".join(queues), "-c", str(concurrency), "-n", f"{name}@%h", "-P", pool,
             "--prefetch-multiplier", "1", "--without-gossip", "--without-mingle", "-l", loglevel,
         ]  # fmt: skip
-        return self._spawn(name, argv, cwd)
+        return self._spawn(name, argv, cwd, env)
 
-    def start_gpu_worker(self, name: str = "gpu") -> subprocess.Popen[bytes]:
+    def start_gpu_worker(
+        self, name: str = "gpu", *, env: dict[str, str] | None = None
+    ) -> subprocess.Popen[bytes]:
         """The local route's worker: the gpu queue, solo pool, one message at a time."""
-        return self.start_worker(name, queues=[GPU_QUEUE], concurrency=1, pool="solo")
+        return self.start_worker(name, queues=[GPU_QUEUE], concurrency=1, pool="solo", env=env)
 
     def start_beat(self, *, loglevel: str = "WARNING") -> subprocess.Popen[bytes]:
         schedule = self.data_dir / "celerybeat-schedule"

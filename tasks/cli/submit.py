@@ -1,8 +1,11 @@
 """Requests in and answers out: ``mixbatch submit``, ``status`` and ``results``.
 
-    mixbatch submit FILE [--lane L] [--deadline D] [--wait]   a batch input file, checked whole
+    mixbatch submit FILE [--lane L] [--deadline D] [--callback SPEC] [--wait]
+                                                               a batch input file, checked whole
     mixbatch status [ID] [--json]                              one request, or counts per lane
     mixbatch results [--out FILE] [--lane L] [--since 1h]      the batch output format
+
+Each takes ``--json``.
 
 They talk to Redis through ``routing.client``, as any producer does.
 """
@@ -18,8 +21,65 @@ import click
 from rich.table import Table
 
 from routing.errors import InvalidRequest, LaneFull, MalformedInput
+from routing.jsonl import BatchLine
 from tasks.cli.handles import open_client
 from tasks.cli.output import console, err_console, example, print_json, progress_bar, when
+
+
+def file_items(
+    file: Path, *, lane: str, deadline: str | None, tenant: str, callback: Any = None
+) -> tuple[list[BatchLine], list[dict[str, Any]]]:
+    """A batch input file, checked whole (a bad line is named), as ``Client.submit`` items."""
+    from routing.jsonl import read_batch_file
+
+    with file.open() as fh:
+        lines = read_batch_file(fh, source=str(file))
+    extra = {} if callback is None else {"callback": callback}
+    items = [
+        {
+            "custom_id": ln.custom_id,
+            "endpoint": ln.url,
+            "body": ln.body,
+            "lane": lane,
+            "deadline": deadline,
+            "tenant": tenant,
+            **extra,
+        }
+        for ln in lines
+    ]
+    return lines, items
+
+
+def parse_callback(spec: str | None) -> dict[str, Any] | None:
+    """``sink:NAME`` (a sink the service registered) or ``celery:TASK[@QUEUE]`` (a task of the
+    caller's), as the callback ``Client.submit`` takes; the client validates it further."""
+    if spec is None:
+        return None
+    kind, _, rest = spec.partition(":")
+    if kind == "sink" and rest:
+        return {"sink": rest}
+    if kind == "celery" and rest:
+        task, _, queue = rest.partition("@")
+        if task:
+            return {"kind": "celery", "task": task, "queue": queue or None}
+    raise InvalidRequest(
+        f"{spec!r} is not sink:NAME or celery:TASK[@QUEUE] (e.g. sink:crm, "
+        "celery:app.tasks.save_answer@answers)",
+        field="--callback",
+    )
+
+
+def _prepare_file(client: Any, file: Path, lines: list[BatchLine], items: list[Any]) -> None:
+    """Validate every item; a bad one is named by its file line (or, for the callback every
+    line shares, by ``--callback``)."""
+    try:
+        client.prepare_many(items)
+    except InvalidRequest as exc:
+        index = int(str(exc.field).removeprefix("items[").removesuffix("]"))
+        message = str(exc).split(": ", 1)[1]
+        if message.startswith("callback"):
+            raise InvalidRequest(message, field="--callback") from None
+        raise MalformedInput(message, line=lines[index].line, source=str(file)) from None
 
 
 @click.command()
@@ -29,38 +89,35 @@ from tasks.cli.output import console, err_console, example, print_json, progress
     "--deadline", default=None, help="relative (90s, 15m, 6h, 1d) or ISO time; default: the lane's"
 )
 @click.option("--tenant", default="default", show_default=True)
+@click.option(
+    "--callback",
+    "callback_spec",
+    default=None,
+    metavar="SPEC",
+    help="where each answer goes: sink:NAME (a sink in the service's sinks table) or "
+    "celery:TASK[@QUEUE] (a Celery task of yours)",
+)
 @click.option("--wait", is_flag=True, help="wait for every answer, with a progress bar")
 @click.option("--json", "as_json", is_flag=True, help="print the tickets as JSON")
 @example("submit")
 def submit(
-    file: Path, lane: str, deadline: str | None, tenant: str, wait: bool, as_json: bool
+    file: Path,
+    lane: str,
+    deadline: str | None,
+    tenant: str,
+    callback_spec: str | None,
+    wait: bool,
+    as_json: bool,
 ) -> None:
     """Enqueue a file in the OpenAI batch input format (custom_id, method, url, body).
 
-    The whole file is checked first: a bad line is named and nothing is enqueued."""
-    from routing.jsonl import read_batch_file
-
-    with file.open() as fh:
-        lines = read_batch_file(fh, source=str(file))
-    items = [
-        {
-            "custom_id": ln.custom_id,
-            "endpoint": ln.url,
-            "body": ln.body,
-            "lane": lane,
-            "deadline": deadline,
-            "tenant": tenant,
-        }
-        for ln in lines
-    ]
+    The whole file is checked first: a bad line is named and nothing is enqueued.
+    `mixbatch estimate FILE` prices it first, without enqueueing anything."""
+    callback = parse_callback(callback_spec)
+    lines, items = file_items(file, lane=lane, deadline=deadline, tenant=tenant, callback=callback)
     with open_client() as client:
         client.config.lane(lane)
-        try:
-            client.prepare_many(items)
-        except InvalidRequest as exc:
-            index = int(str(exc.field).removeprefix("items[").removesuffix("]"))
-            message = str(exc).split(": ", 1)[1]
-            raise MalformedInput(message, line=lines[index].line, source=str(file)) from None
+        _prepare_file(client, file, lines, items)
         _check_room(client, lane, tenant, [ln.custom_id for ln in lines])
         with progress_bar(disable=as_json) as progress:
             task = progress.add_task(f"enqueueing into {lane}", total=len(items))
@@ -147,10 +204,16 @@ def status(request_id: str | None, as_json: bool) -> None:
 )
 @click.option("--lane", "lanes", multiple=True, help="only these lanes (repeatable)")
 @click.option("--since", default=None, help="only results finished in this window (e.g. 1h)")
+@click.option(
+    "--json",
+    "as_json",
+    is_flag=True,
+    help="one JSON document: the lines as an array (with --out: a summary of what was written)",
+)
 @example("results")
-def results(out: Path | None, lanes: tuple[str, ...], since: str | None) -> None:
+def results(out: Path | None, lanes: tuple[str, ...], since: str | None, as_json: bool) -> None:
     """Write finished results in the OpenAI batch output format (id, custom_id, response, error)."""
-    from routing.jsonl import write_output
+    from routing.jsonl import output_line, write_output
     from routing.models import parse_duration_s
 
     try:
@@ -162,11 +225,17 @@ def results(out: Path | None, lanes: tuple[str, ...], since: str | None) -> None
         for name in names:
             client.config.lane(name)
         found = [r for name in names for r in client.store.results(name, since=start)]
-    lines = write_output(sorted(found, key=lambda r: r.finished_at or 0))
+    found.sort(key=lambda r: r.finished_at or 0)
     if out is None:
-        for line in lines:
+        if as_json:
+            print_json([output_line(r) for r in found])
+            return
+        for line in write_output(found):
             sys.stdout.write(line)
         return
     with out.open("w") as fh:
-        fh.writelines(lines)
-    err_console.print(f"wrote {len(found)} results to {out}")
+        fh.writelines(write_output(found))
+    if as_json:
+        print_json({"results": len(found), "out": str(out)})
+    else:
+        err_console.print(f"wrote {len(found)} results to {out}")

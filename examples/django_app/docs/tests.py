@@ -3,7 +3,7 @@
 Nothing is faked. ``setUpClass`` starts a whole mixbatch (an embedded Redis, the sandbox
 provider, a service worker and beat, via ``tasks.cli.stack.LocalStack``) and this project's own
 Celery worker on ``docs.callbacks``. A test posts to the view, mixbatch runs the request against
-the sandbox, sends the result to ``mixbatch.django.store_answer``, and the worker writes it into
+the sandbox, sends the result to ``mixbatch_django.store_answer``, and the worker writes it into
 the row. The test database is a SQLite *file* (``DATABASES["default"]["TEST"]["NAME"]``) so the
 worker, a separate process, writes into the database the test reads; ``TransactionTestCase``
 because ``on_commit`` needs real commits.
@@ -46,7 +46,7 @@ from tasks.cli.stack import LocalStack
 
 PROJECT_DIR = Path(__file__).resolve().parent.parent
 CALLBACK_QUEUE = "docs.callbacks"
-TASK = "mixbatch.django.store_answer"
+TASK = "mixbatch_django.store_answer"
 #: Beat and the sweeper run often, and no provider batches: answers come back in a second or two.
 FAST = {
     "MIXBATCH_AGGREGATE_INTERVAL_S": "0.3",

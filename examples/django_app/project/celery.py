@@ -3,7 +3,7 @@
     celery -A project worker -Q docs.callbacks -l INFO
 
 It must use the same Redis as the mixbatch service (``CELERY_BROKER_URL`` in the settings),
-because the service delivers each result by sending ``mixbatch.django.store_answer`` to the
+because the service delivers each result by sending ``mixbatch_django.store_answer`` to the
 ``docs.callbacks`` queue there; ``autodiscover_tasks`` finds that task in the
 ``routing.contrib.django`` app.
 """

@@ -52,7 +52,7 @@ def celery_init_app(app: Flask) -> Celery:
     """Flask's documented Celery pattern, plus mixbatch's ready callback task.
 
     The broker is the mixbatch service's Redis: the service delivers each result by sending
-    ``mixbatch.flask.store_answer`` to the ``flask_docs.callbacks`` queue there.
+    ``mixbatch_flask.store_answer`` to the ``flask_docs.callbacks`` queue there.
     """
 
     class FlaskTask(Task):

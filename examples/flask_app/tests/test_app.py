@@ -1,7 +1,7 @@
 """The example end to end with Flask's test client: a real mixbatch, a real worker.
 
 A test posts to the view, mixbatch runs the request against the sandbox provider and sends the
-result to ``mixbatch.flask.store_answer`` on the example's own Celery worker, which writes it
+result to ``mixbatch_flask.store_answer`` on the example's own Celery worker, which writes it
 into the row.
 """
 
@@ -25,7 +25,7 @@ from routing.models import Result
 from routing.sandbox import expected_embeddings, expected_reply
 from routing.states import State
 
-TASK = "mixbatch.flask.store_answer"
+TASK = "mixbatch_flask.store_answer"
 CALLBACK_QUEUE = "flask_docs.callbacks"
 WaitDone = Callable[..., dict[str, Any]]
 Insert = Callable[..., int]

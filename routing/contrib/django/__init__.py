@@ -12,7 +12,7 @@
         enqueue(doc, "embedding", endpoint="/v1/embeddings",
                 body={"model": "text-embedding-3-small", "input": text})
 
-    # the project's Celery app: app.autodiscover_tasks() finds mixbatch.django.store_answer
+    # the project's Celery app: app.autodiscover_tasks() finds mixbatch_django.store_answer
     celery -A myproject worker -Q myapp.callbacks
 
 The request is submitted only when the transaction commits; the project's worker writes the

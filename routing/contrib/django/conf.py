@@ -5,8 +5,8 @@
         "NAMESPACE": "mb",                        # the service's MIXBATCH_NAMESPACE
         "TENANT": "default",                      # whose requests these are (custom_id scope)
         "LANE": "standard",                       # default lane of enqueue()
-        "CALLBACK_TASK": "mixbatch.django.store_answer",
-        "CALLBACK_QUEUE": "mixbatch.callbacks",   # the queue your Celery worker consumes
+        "CALLBACK_TASK": "mixbatch_django.store_answer",
+        "CALLBACK_QUEUE": "mixbatch_answers",     # the queue your Celery worker consumes
     }
 
 Every key is optional; None or "" (an unset environment variable) means the default.
@@ -28,7 +28,7 @@ from routing.contrib.common import (
 
 __all__ = ["DEFAULT_CALLBACK_QUEUE", "DEFAULT_CALLBACK_TASK", "load_settings"]
 
-DEFAULT_CALLBACK_TASK = "mixbatch.django.store_answer"
+DEFAULT_CALLBACK_TASK = "mixbatch_django.store_answer"
 
 
 def load_settings() -> IntegrationSettings:

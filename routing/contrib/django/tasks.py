@@ -1,9 +1,9 @@
 """The ready callback task, found by ``app.autodiscover_tasks()`` of the project's Celery app.
 
-mixbatch sends each result to ``mixbatch.django.store_answer`` on the queue named in
+mixbatch sends each result to ``mixbatch_django.store_answer`` on the queue named in
 ``settings.MIXBATCH["CALLBACK_QUEUE"]``; run a worker on that queue:
 
-    celery -A yourproject worker -Q mixbatch.callbacks
+    celery -A yourproject worker -Q mixbatch_answers
 
 Only the worker imports this module (it needs Celery); the web process never does.
 """
