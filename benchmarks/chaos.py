@@ -50,7 +50,13 @@ from tests.test_e2e import CALLBACK, FAST
 
 ROOT = Path(__file__).resolve().parent.parent
 NAMESPACE = "chaos"
-ENV = {**FAST, "MIXBATCH_LEASE_S": "20", "MIXBATCH_GPU_CHUNK": "16"}
+ENV = {
+    **FAST,
+    "MIXBATCH_LEASE_S": "20",
+    "MIXBATCH_GPU_CHUNK": "16",
+    "MIXBATCH_BATCH_INTENT_GRACE_S": "10",
+    "MIXBATCH_BATCH_COLLECT_LEASE_S": "20",
+}
 KNOBS = Knobs(
     latency_ms=5,
     rate_429=0.05,
@@ -59,7 +65,10 @@ KNOBS = Knobs(
     rate_timeout=0.01,
     hang_s=3.0,
     seed=7,
-    batch_turnaround_s=1.0,
+    # an hour of sandbox time per real second: batches end in about a second, and an expiring
+    # batch (24 h) expires after about 24 s instead of a day
+    time_scale=3600.0,
+    batch_turnaround_s=3600.0,
     batch_line_fail_rate=0.04,
     batch_expire_done_fraction=0.5,
 )

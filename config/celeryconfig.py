@@ -48,6 +48,7 @@ task_routes = {
     "mixbatch.aggregate": {"queue": CONTROL_QUEUE},
     "mixbatch.sweep": {"queue": CONTROL_QUEUE},
     "mixbatch.enqueue": {"queue": CONTROL_QUEUE},
+    "mixbatch.enqueue_many": {"queue": CONTROL_QUEUE},
     "mixbatch.realtime": {"queue": REALTIME_QUEUE},
     "mixbatch.deliver": {"queue": DELIVER_QUEUE},
     "mixbatch.deliver_many": {"queue": DELIVER_QUEUE},

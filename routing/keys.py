@@ -17,7 +17,9 @@ from typing import Literal
 from routing.errors import InvalidRequest
 
 GroupPart = Literal["members", "tok", "size", "meta"]
-BatchIndex = Literal["groups", "windows", "intents", "inflight", "byid", "takes", "reaping"]
+BatchIndex = Literal[
+    "groups", "windows", "intents", "inflight", "byid", "byid_closed", "takes", "reaping"
+]
 ObsKind = Literal["b", "r", "g"]
 ObsHash = Literal["inflight", "headroom"]
 DeadLetterPart = Literal["at", "entries"]
@@ -121,6 +123,10 @@ class Keys:
         """The cost ledger: totals by lane, tenant, route and spend tag."""
         return f"{self.ns}:costs"
 
+    def ledger_hour(self, hour: int) -> str:
+        """One hour's totals by route (unix hour); tagged ``{NS:costs}``: the ledger's own slot."""
+        return f"{self.ns}:{{{self.ns}:costs}}:h:{hour}"
+
     def redbeat_prefix(self) -> str:
         """Where celery-redbeat keeps beat's schedule and lock (its ``redbeat_key_prefix``)."""
         return f"{self.ns}:redbeat:"
@@ -144,7 +150,8 @@ class Keys:
     def batches(self, index: BatchIndex) -> str:
         """The registry's indexes: pending ``groups``, submit ``windows`` by group, ``intents``
         (recorded before create), ``inflight`` (by next poll), ``byid`` (provider id -> key),
-        ``takes`` and ``reaping`` (takes and intents by their worker's or reconciler's beat)."""
+        ``byid_closed`` (provider ids of closed batches, by creation, trimmed), ``takes`` and
+        ``reaping`` (takes and intents by their worker's or reconciler's beat)."""
         return f"{self.ns}:{{batches}}:{index}"
 
     # -- observations: every key under the one tag ``{obs}`` --------------------------------

@@ -1,9 +1,7 @@
-"""``mixbatch.gpu_batch``: the local route, run by the worker on the ``gpu`` queue.
-
-The worker runs with the solo pool and prefetch 1 (``Procfile``: ``gpu``), so one process owns
-the device; every model is loaded once, at start, and its measured throughput and queue wait go
-to the route choice after each micro-batch and once a minute. No torch at import time: every
-service worker imports this module."""
+"""``mixbatch.gpu_batch``: the local route, run by the worker on the ``gpu`` queue. It runs with
+the solo pool and prefetch 1 (``Procfile``: ``gpu``), so one process owns the device; every model
+loads once, at start, and its measured throughput and queue wait go to the route choice after
+each micro-batch and once a minute. No torch at import time: every service worker imports it."""
 
 from __future__ import annotations
 
@@ -21,9 +19,10 @@ from config.queues import GPU_QUEUE
 from config.settings import get_settings
 from routing.engine.claims import start_claimed
 from routing.engine.local import report, run_local, warm
+from routing.engine.pricing import price_gpu
 from routing.models import Claimed, Route
 from tasks.deliver import dispatch
-from tasks.runtime import local_models, observations, store
+from tasks.runtime import local_models, observations, prices, store
 
 if TYPE_CHECKING:
     from gpu_worker.engine import LocalAnswer
@@ -70,10 +69,12 @@ def _heartbeat() -> None:
 
 @app.task(name="mixbatch.gpu_batch", acks_late=True, ignore_result=True)
 def gpu_batch(items: list[list[str]]) -> dict[str, int]:
-    """Answer one micro-batch of claimed requests on the local model, leases renewed meanwhile."""
-    st, lease_s = store(), get_settings().lease_s
-    started = start_claimed(st, items, route=Route.GPU, lease_s=lease_s, now=time.time())
-    outcome = run_local(st, started, partial(answer, local_models()), time.time, lease_s=lease_s)
+    """Answer one micro-batch on the local model, leases renewed meanwhile; priced by busy time."""
+    st, s = store(), get_settings()
+    started = start_claimed(st, items, route=Route.GPU, lease_s=s.lease_s, now=time.time())
+    pricer = partial(price_gpu, prices(), s.route_gpu_usd_per_hour)
+    run = partial(answer, local_models())
+    outcome = run_local(st, started, run, time.time, lease_s=s.lease_s, price=pricer)
     dispatch(outcome.finished)
     report(observations(), local_models())
     return {"done": len(outcome.finished), "requeued": outcome.requeued}

@@ -28,7 +28,7 @@ from routing.models import Claimed, Request, Result, Route, ServiceConfig, prepa
 from routing.providers import BatchAdapter, BatchJob
 from routing.sandbox.server import SandboxServer
 from routing.states import State
-from routing.store.batches import BatchRecord, BatchRegistry, group_id
+from routing.store.batches import BYID_KEEP_S, BatchRecord, BatchRegistry, Member, group_id
 from routing.store.lanes import LaneStore
 from routing.store.observations import ObservationStore
 from tasks.cli.demo import answer_ok
@@ -441,3 +441,68 @@ def test_late_batch_is_hedged_at_the_hedge_point_and_cancelled(route: BatchRoute
     assert route.h.registry.inflight() == [], "nobody waits on it any more: dropped"
     calls = route.sandbox.stats()["calls_by_endpoint"]
     assert sum(n for path, n in calls.items() if path.endswith("/cancel")) == 1
+
+
+# -- byid does not grow with every batch ever made ------------------------------------------------
+
+
+def recorded(
+    registry: BatchRegistry, key: str, batch_id: str | None, created: float
+) -> BatchRecord:
+    """A batch recorded as the worker records it: an intent, then (``batch_id``) its provider id."""
+    record = BatchRecord(
+        key=key,
+        provider="openai",
+        protocol="openai",
+        endpoint=ENDPOINT["openai"],
+        model=CHAT_MODEL,
+        created_at=created,
+        lines=1,
+        members={f"{key}-0": [Member(id=f"bulk.{key}", token="t", deadline=created + 3600)]},
+        order=[f"{key}-0"],
+    )
+    assert registry.record_intent(record)
+    if batch_id is not None:
+        assert registry.record_submitted(record, batch_id, created, created + 5)
+    return record
+
+
+def test_byid_forgets_batches_closed_long_ago(route: BatchRoute) -> None:
+    """A closed batch's provider id is kept while an orphan search could meet it, then
+    forgotten when a later batch closes: byid holds recent batches, not all of them."""
+    registry, t0 = route.h.registry, route.clock()
+    for n in range(3):
+        registry.finish(recorded(registry, f"old{n}", f"batch_old{n}", t0), "done", t0 + 60)
+    running = recorded(registry, "running", "batch_running", t0)
+    assert set(registry.known_batch_ids()) == {
+        "batch_old0",
+        "batch_old1",
+        "batch_old2",
+        "batch_running",
+    }
+    later = t0 + BYID_KEEP_S - 1
+    registry.finish(recorded(registry, "recent", "batch_recent", later), "done", later)
+    assert "batch_old0" in registry.known_batch_ids(), "not old enough yet"
+    later = t0 + BYID_KEEP_S + 60
+    registry.finish(recorded(registry, "new", "batch_new", later), "done", later)
+    assert set(registry.known_batch_ids()) == {"batch_running", "batch_recent", "batch_new"}
+    registry.finish(running, "done", later)  # a batch that ran long is forgotten once closed
+    assert set(registry.known_batch_ids()) == {"batch_recent", "batch_new"}
+    assert route.store.redis.zcard(registry.keys.batches("byid_closed")) == 2
+
+
+def test_byid_keeps_what_a_live_intent_could_still_find(route: BatchRoute) -> None:
+    """An intent still live (its worker or reconciler beating) searches for orphans from its
+    own creation on: the ids of batches closed since stay known, so none is adopted twice."""
+    registry, t0 = route.h.registry, route.clock()
+    early = t0 - 2 * BYID_KEEP_S
+    registry.finish(recorded(registry, "early", "batch_early", early), "done", early)
+    recorded(registry, "stuck", None, t0 + 10)  # an intent, live for a long time
+    registry.finish(recorded(registry, "after", "batch_after", t0 + 20), "done", t0 + 20)
+    later = t0 + 3 * BYID_KEEP_S
+    registry.finish(recorded(registry, "new", "batch_new", later), "done", later)
+    assert set(registry.known_batch_ids()) == {"batch_after", "batch_new"}
+    (stuck,) = registry.stale_intents(math.inf)
+    registry.finish(registry.get(stuck), "failed", later)  # settled: nothing looks back now
+    assert set(registry.known_batch_ids()) == {"batch_new"}
+    assert registry.trim_byid(later) == 0, "nothing left to forget"

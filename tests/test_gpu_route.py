@@ -7,6 +7,7 @@ import math
 import statistics
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -33,10 +34,9 @@ def embedding(text: str, lane: str = "standard", **extra: Any) -> dict[str, Any]
     }
 
 
-@pytest.fixture
-def gpu_stack(tmp_path: Path, db_url: str, request: pytest.FixtureRequest) -> Iterator[LocalStack]:
-    marker = request.node.get_closest_marker("env")
-    env = {"MIXBATCH_GPU_CHUNK": "16", **(marker.kwargs if marker else {})}
+@contextmanager
+def running_gpu_stack(tmp_path: Path, db_url: str, **env: str) -> Iterator[LocalStack]:
+    """The service worker, a gpu worker, the callbacks worker and beat, all started."""
     stack = make_stack(tmp_path, db_url, Knobs(), **env)
     try:
         stack.start_worker("worker", concurrency=2)
@@ -47,6 +47,14 @@ def gpu_stack(tmp_path: Path, db_url: str, request: pytest.FixtureRequest) -> It
         yield stack
     finally:
         stack.stop()
+
+
+@pytest.fixture
+def gpu_stack(tmp_path: Path, db_url: str, request: pytest.FixtureRequest) -> Iterator[LocalStack]:
+    marker = request.node.get_closest_marker("env")
+    env = {"MIXBATCH_GPU_CHUNK": "16", **(marker.kwargs if marker else {})}
+    with running_gpu_stack(tmp_path, db_url, **env) as stack:
+        yield stack
 
 
 def submit(url: str, items: list[dict[str, Any]]) -> list[str]:

@@ -11,7 +11,7 @@ import hashlib
 import json
 import os
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Any
@@ -24,16 +24,20 @@ from routing.models import Ticket
 __all__ = [
     "BOOKKEEPING_FIELDS",
     "DEFAULT_CALLBACK_QUEUE",
+    "ENQUEUE_MANY_TASK",
     "ENQUEUE_QUEUE",
     "ENQUEUE_TASK",
     "SETTING_NAMES",
     "IntegrationSettings",
     "PendingRequest",
     "build_request",
+    "enqueue_many_entry",
+    "enqueue_many_options",
     "enqueue_options",
     "request_digest",
     "request_summary",
     "send_enqueue",
+    "send_enqueue_many",
     "settings_from",
 ]
 
@@ -212,3 +216,43 @@ def send_enqueue(celery_app: Any, request: Mapping[str, Any], **options: Any) ->
     ``options`` (``queue``, ``priority``, ...) are passed on. Returns Celery's ``AsyncResult``."""
     sent = {**enqueue_options(request), **options}
     return celery_app.send_task(ENQUEUE_TASK, **sent)
+
+
+ENQUEUE_MANY_TASK = "mixbatch.enqueue_many"
+
+
+def enqueue_many_options(
+    requests: Sequence[Mapping[str, Any]], *, queue: str = ENQUEUE_QUEUE
+) -> dict[str, Any]:
+    """``send_task`` keyword arguments for ``mixbatch.enqueue_many``: the list as the argument,
+    a count as its argsrepr (never the bodies)."""
+    return {
+        "args": [[dict(r) for r in requests]],
+        "queue": queue,
+        "argsrepr": f"requests={len(requests)}",
+        "kwargsrepr": "{}",
+    }
+
+
+def send_enqueue_many(
+    celery_app: Any, requests: Sequence[Mapping[str, Any]], **options: Any
+) -> Any:
+    """``celery_app.send_task("mixbatch.enqueue_many", ...)``: what an app's periodic task calls
+    once it has built the night's requests. ``options`` are passed on."""
+    return celery_app.send_task(ENQUEUE_MANY_TASK, **{**enqueue_many_options(requests), **options})
+
+
+def enqueue_many_entry(
+    requests: Sequence[Mapping[str, Any]], schedule: Any, *, queue: str = ENQUEUE_QUEUE
+) -> dict[str, Any]:
+    """A ``beat_schedule`` entry that sends ``requests`` to ``mixbatch.enqueue_many`` on
+    ``schedule`` (seconds, a ``timedelta`` or a ``crontab``), from the app's own beat. The list
+    is fixed when the schedule is read; a job that builds its requests at run time schedules
+    its own task that calls ``send_enqueue_many``."""
+    opts = enqueue_many_options(requests, queue=queue)
+    return {
+        "task": ENQUEUE_MANY_TASK,
+        "schedule": schedule,
+        "args": opts["args"],
+        "options": {k: opts[k] for k in ("queue", "argsrepr", "kwargsrepr")},
+    }

@@ -5,20 +5,27 @@ maps what it answers onto outcomes. An answer is DONE; a 5xx (out of memory, an 
 failure) goes back to its lane, since the same request may well succeed later; any other error
 is FAILED with the runner's code and message. The micro-batch's leases are renewed while the
 model runs (``routing.engine.claims.Heartbeat``), so a batch slower than the lease is not run twice.
+
+Answers are priced from the batch's measured busy time (``routing.engine.pricing.price_gpu``)
+and added to the cost ledger under route ``gpu`` by the call whose finish won, as on the
+other routes.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from routing.decide.options import LOCAL_PROVIDER
 from routing.engine.claims import Heartbeat
+from routing.engine.pricing import GpuPricer
 from routing.faults import fault_point
-from routing.models import Claimed, ErrorInfo, StoredResult
+from routing.models import Claimed, ErrorInfo, Prepared, Route, StoredResult
 from routing.states import State
 from routing.store.lanes import LaneStore
+from routing.store.ledger import Cost, record_many
 from routing.store.observations import ObservationStore
 
 
@@ -67,20 +74,34 @@ def run_local(
     *,
     lease_s: float,
     max_hold_s: float | None = MAX_BATCH_S,
+    price: GpuPricer | None = None,
+    busy_clock: Callable[[], float] = time.monotonic,
 ) -> LocalOutcome:
     """Run ``started`` through the model, leases renewed meanwhile (for at most ``max_hold_s``),
-    then store every outcome in one round trip."""
+    then store every outcome in one round trip; ``price`` prices the answers by busy time."""
     if not started:
         return LocalOutcome([], 0)
     with Heartbeat(store, started, lease_s=lease_s, now=now, max_hold_s=max_hold_s):
+        began = busy_clock()
         answers = run(started)
+        busy_s = busy_clock() - began
     fault_point("local")  # answered, not yet stored: the batch runs again elsewhere
     at = now()
     finishes: list[tuple[str, str, State, StoredResult]] = []
+    done = [(c.request, _result(a)) for c, a in zip(started, answers, strict=True) if a.ok]
+    costs: Sequence[Cost | None] = (
+        price([(r, res.usage) for r, res in done], busy_s) if price else [None] * len(done)
+    )
+    priced = iter(zip(done, costs, strict=True))
+    ledger: list[tuple[Prepared, Route, Cost] | None] = []
     requeued = 0
     for claimed, answer in zip(started, answers, strict=True):
         if answer.ok:
-            finishes.append((claimed.id, claimed.token, State.DONE, _result(answer)))
+            (request, result), cost = next(priced)
+            if cost is not None:
+                result = result.model_copy(update=cost.model_dump())
+            finishes.append((claimed.id, claimed.token, State.DONE, result))
+            ledger.append(None if cost is None else (request, Route.GPU, cost))
             continue
         error = answer.error or {"code": "error", "message": "no answer"}
         info = ErrorInfo(
@@ -95,7 +116,9 @@ def run_local(
             continue
         failed = StoredResult(status_code=answer.status_code, error=info, provider=LOCAL_PROVIDER)
         finishes.append((claimed.id, claimed.token, State.FAILED, failed))
+        ledger.append(None)
     won = store.finish_many(finishes, now=at)
+    record_many(store, [e for e, ok in zip(ledger, won, strict=True) if ok and e], at=at)
     return LocalOutcome([rid for (rid, *_), ok in zip(finishes, won, strict=True) if ok], requeued)
 
 

@@ -35,6 +35,7 @@ from routing.errors import ConfigError
 from routing.sinks.base import DeliveryError, Sink
 from routing.sinks.celery import CelerySink, TaskSender
 from routing.sinks.guard import AddressPolicy, Resolver, path_refusal, redis_endpoint, resolve_host
+from routing.sinks.idle import IDLE_S, MAX_ENTRIES, IdleCache
 from routing.sinks.settings import SinkSettings
 from routing.sinks.sql import EngineCache, SqlSink
 from routing.sinks.stream import StreamSink
@@ -57,7 +58,8 @@ class SinkContext:
     ``sinks`` is the service's table of named sinks; ``redis`` the service's own Redis, where a
     stream sink without ``url_env`` writes and where stream markers live under ``namespace``;
     ``celery_app`` sends Celery callbacks, never to a queue in ``reserved_queues`` (the
-    service's own).
+    service's own). SQL engines and other Redis servers' clients unused for ``idle_s`` (by
+    ``idle_clock``), or past ``max_handles`` of each, are closed when next touched.
     """
 
     def __init__(
@@ -71,6 +73,9 @@ class SinkContext:
         reserved_queues: Collection[str] = (),
         resolver: Resolver = resolve_host,
         clock: Callable[[], float] = time.time,
+        idle_s: float = IDLE_S,
+        max_handles: int = MAX_ENTRIES,
+        idle_clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.settings = settings
         self.sinks = sinks if sinks is not None else SinkTable()
@@ -81,10 +86,18 @@ class SinkContext:
         self.resolver = resolver
         self.clock = clock
         self.policy = AddressPolicy.from_allow(settings.sink_allow)
-        self.engines = EngineCache(connect_timeout_s=settings.sql_connect_timeout_s)
+        self.engines = EngineCache(
+            connect_timeout_s=settings.sql_connect_timeout_s,
+            idle_s=idle_s,
+            max_entries=max_handles,
+            clock=idle_clock,
+        )
         self._lock = threading.Lock()
         self._http: httpx.Client | None = None
-        self._redis_clients: dict[tuple[str, str | None], Redis] = {}
+        #: clients of other Redis servers, by (URL, checked address), closed when idle
+        self.redis_clients: IdleCache[tuple[str, str | None], Redis] = IdleCache(
+            self._close_client, idle_s=idle_s, max_entries=max_handles, clock=idle_clock
+        )
         self._scripts: dict[int, Script] = {}
 
     def http(self) -> httpx.Client:
@@ -108,17 +121,8 @@ class SinkContext:
                 raise misconfigured("stream", "no service Redis in this process")
             return self.redis, True
         address = self._redis_address(target, url)
-        key = (url.get_secret_value(), address)
-        with self._lock:
-            client = self._redis_clients.get(key)
-            if client is None:
-                options = parse_url(url.get_secret_value())
-                if address is not None:
-                    options["host"] = address
-                pool = redis.ConnectionPool(**options, socket_timeout=10, socket_connect_timeout=5)
-                client = redis.Redis(connection_pool=pool)
-                self._redis_clients[key] = client
-            return client, False
+        secret = url.get_secret_value()
+        return self.redis_clients.get((secret, address), lambda: _client(secret, address)), False
 
     def _redis_address(self, target: StreamTarget, url: SecretStr) -> str | None:
         """The checked address to connect to, None where the name must be kept (TLS) or the
@@ -144,19 +148,34 @@ class SinkContext:
                 self._scripts[id(client)] = script
             return script
 
+    def _close_client(self, key: tuple[str, str | None], client: Redis) -> None:
+        """Close a client gone idle (or at ``close``): its pool is ours, not the client's. A
+        connection another thread still holds is left to it and closed when it is released."""
+        with self._lock:
+            self._scripts.pop(id(client), None)
+        client.close()
+        client.connection_pool.disconnect(inuse_connections=False)
+
     def close(self) -> None:
         """Close what this context opened; the service's Redis belongs to its owner."""
         with self._lock:
             http, self._http = self._http, None
-            clients = list(self._redis_clients.values())
-            self._redis_clients.clear()
-            self._scripts.clear()
         if http is not None:
             http.close()
-        for client in clients:
-            client.close()
-            client.connection_pool.disconnect()  # the pool is ours, not the client's
+        self.redis_clients.close()
+        with self._lock:
+            self._scripts.clear()
         self.engines.close()
+
+
+def _client(url: str, address: str | None) -> Redis:
+    """A client for another Redis, connecting to the checked ``address`` when one is given.
+    Builds the pool only; nothing connects until the first command."""
+    options = parse_url(url)
+    if address is not None:
+        options["host"] = address
+    pool = redis.ConnectionPool(**options, socket_timeout=10, socket_connect_timeout=5)
+    return redis.Redis(connection_pool=pool)
 
 
 def _named(spec: SinkCallback, context: SinkContext) -> Sink:

@@ -54,6 +54,7 @@ from routing.errors import ConfigError
 from routing.models import Result
 from routing.sinks.base import AddressRefused, DeliveryError, Sink
 from routing.sinks.guard import AddressPolicy, Resolver, path_refusal, resolve_host, sql_endpoint
+from routing.sinks.idle import IDLE_S, MAX_ENTRIES, IdleCache
 from routing.sinks.settings import SinkSettings
 from routing.sinks.table import SqlTarget
 from routing.store.base import redact_url
@@ -124,24 +125,44 @@ def _redact(url: str) -> str:
 
 class EngineCache:
     """One engine per URL (and checked address) per process, each table checked once; pools
-    are reused.
+    are reused, and an engine unused for ``idle_s`` (or past ``max_entries``) is disposed the
+    next time the cache is touched (``routing.sinks.idle``), with its tables' checks.
 
     Not shared across ``fork``: drop it in the child (``close``) and a new one fills lazily.
     """
 
-    def __init__(self, *, connect_timeout_s: float = 5.0) -> None:
+    def __init__(
+        self,
+        *,
+        connect_timeout_s: float = 5.0,
+        idle_s: float = IDLE_S,
+        max_entries: int = MAX_ENTRIES,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.connect_timeout_s = connect_timeout_s
         self._lock = threading.Lock()
-        self._engines: dict[tuple[str, str | None], Engine] = {}
+        self._engines: IdleCache[tuple[str, str | None], Engine] = IdleCache(
+            self._dispose, idle_s=idle_s, max_entries=max_entries, clock=clock
+        )
         self._tables: dict[tuple[str, str], sa.Table] = {}
 
     def engine(self, url: str, hostaddr: str | None = None) -> Engine:
         """The engine for ``url``; ``hostaddr``: connect there, not where the host resolves."""
-        with self._lock:
-            engine = self._engines.get((url, hostaddr))
-            if engine is None:
-                engine = self._engines[(url, hostaddr)] = self._create(url, hostaddr)
-            return engine
+        return self._engines.get((url, hostaddr), lambda: self._create(url, hostaddr))
+
+    def held(self) -> list[tuple[str, str | None]]:
+        """The (url, hostaddr) of every engine held now."""
+        return self._engines.keys()
+
+    def _dispose(self, key: tuple[str, str | None], engine: Engine) -> None:
+        """Close an idle engine's pooled connections (checked-out ones stay with their holder)
+        and forget the tables checked through its URL, so none outlives every engine of it."""
+        url = key[0]
+        if not any(held == url for held, _ in self.held()):
+            with self._lock:
+                for table_key in [k for k in self._tables if k[0] == url]:
+                    del self._tables[table_key]
+        engine.dispose()
 
     def _create(self, url: str, hostaddr: str | None) -> Engine:
         shown = _redact(url)
@@ -203,12 +224,9 @@ class EngineCache:
         return table
 
     def close(self) -> None:
+        self._engines.close()
         with self._lock:
-            engines = list(self._engines.values())
-            self._engines.clear()
             self._tables.clear()
-        for engine in engines:
-            engine.dispose()
 
 
 def _upsert(dialect: str, table: sa.Table, row: dict[str, Any]) -> sa.Executable:

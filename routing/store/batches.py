@@ -20,6 +20,7 @@ slots (see ``routing.keys``), so every step is atomic in its own slot and idempo
 from __future__ import annotations
 
 import hashlib
+import json
 import time
 from collections.abc import Iterable
 from typing import Literal
@@ -37,6 +38,13 @@ BatchState = Literal["intent", "submitted", "collecting", "done", "failed", "can
 Recorder = Literal["worker", "reaper"]
 #: How long a closed batch record is kept (``mixbatch`` views and ``explain`` read it).
 CLOSED_TTL_S = 14 * 86400
+#: How long after its creation a closed batch's provider id stays in ``byid``. An orphan search
+#: only looks at batches created a few minutes before its intent (the engine's
+#: ``ORPHAN_LOOKBACK_S``), so a day covers it many times over; the ids of older batches are
+#: forgotten, unless a live intent older still could look at them.
+BYID_KEEP_S = 86400.0
+#: The most provider ids one close forgets (the rest go with the next closes).
+BYID_TRIM_LIMIT = 1000
 
 
 class Member(BaseModel):
@@ -374,6 +382,45 @@ class BatchRegistry:
             pipe.zrem(self.keys.batches("intents"), record.key)
             pipe.zrem(self.keys.batches("reaping"), f"intent:{record.key}")
             pipe.execute()
+        self.trim_byid(now, closed=record)
+
+    def trim_byid(self, now: float, closed: BatchRecord | None = None) -> int:
+        """Forget the provider ids of batches created more than ``BYID_KEEP_S`` before ``now``
+        and before the oldest live intent, once closed (``closed``: the batch closing now), so
+        ``byid`` does not grow with every batch ever made. An orphan search never looks that
+        far back, so an id it must exclude (``known_batch_ids``) is never forgotten. Returns
+        how many ids were forgotten."""
+        created = 0.0
+        if closed is not None:
+            created = closed.submitted_at or closed.created_at
+        cutoff = min(now, self._oldest_intent(default=now)) - BYID_KEEP_S
+        keys = [self.keys.batches("byid"), self.keys.batches("byid_closed")]
+        batch_id = closed.batch_id if closed is not None and closed.batch_id else ""
+        args = [batch_id, repr(created), repr(cutoff), BYID_TRIM_LIMIT]
+        with store_errors(self.url):
+            return int(self._scripts["batch_byid_trim"](keys=keys, args=args))
+
+    def _oldest_intent(self, default: float) -> float:
+        """When the oldest intent still live (or being reaped) was created: its orphan search
+        reaches back from there. A record that cannot be read counts as the oldest possible,
+        so nothing is forgotten on a guess."""
+        with store_errors(self.url):
+            pipe = self.redis.pipeline(transaction=False)
+            pipe.zrange(self.keys.batches("intents"), 0, -1)
+            pipe.zrange(self.keys.batches("reaping"), 0, -1)
+            live, reaping = pipe.execute()
+            names = [n.decode() for n in live]
+            names += [
+                n.decode().removeprefix("intent:") for n in reaping if n.startswith(b"intent:")
+            ]
+            raws = self.redis.mget([self.keys.batch(n) for n in names]) if names else []
+        created = [default]
+        for raw in raws:
+            try:
+                created.append(float(json.loads(raw)["created_at"]) if raw else default)
+            except (ValueError, TypeError, KeyError):
+                created.append(0.0)
+        return min(created)
 
     def counts(self) -> dict[str, int]:
         with store_errors(self.url):

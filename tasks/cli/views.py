@@ -1,7 +1,7 @@
 """Read-only views of the running service: ``mixbatch lanes``, ``costs``, ``top`` and ``health``.
 
     mixbatch lanes [--json]                          depth, oldest age, nearest deadline per lane
-    mixbatch costs [--json]                          spend and savings by route, lane, tenant, tag
+    mixbatch costs [--json] [--plot PNG [--hours N]] spend and savings by route, lane, tenant, tag
     mixbatch top [--once | --json] [--interval S]    live view: lanes, routes, batches, savings
     mixbatch health [--json] [--wait S]              0 healthy; 3 Redis down; 1 workers or beat
 
@@ -15,6 +15,7 @@ import signal
 import sys
 import time
 from datetime import UTC, datetime
+from pathlib import Path
 
 import click
 from rich.console import Group as RichGroup
@@ -63,14 +64,28 @@ def lanes(as_json: bool) -> None:
 
 @click.command()
 @click.option("--json", "as_json", is_flag=True)
+@click.option(
+    "--plot",
+    "plot_to",
+    type=click.Path(dir_okay=False, writable=True, path_type=Path),
+    help="also draw spend and savings per hour by route to this PNG (extra: mixbatch[plot])",
+)
+@click.option("--hours", default=168, show_default=True, type=click.IntRange(1, 744))
 @example("costs")
-def costs(as_json: bool) -> None:
+def costs(as_json: bool, plot_to: Path | None, hours: int) -> None:
     """Spend by lane, tenant, spend tag and route, priced from the providers' usage with
-    config/prices.toml, and what the batch route saved against synchronous prices."""
-    from routing.store.ledger import totals
+    config/prices.toml (the GPU route: its busy time at MIXBATCH_ROUTE_GPU_USD_PER_HOUR), and
+    what each route saved against synchronous prices."""
+    from routing.store.ledger import series, totals
 
     with open_client() as client:
         data = totals(client.store)
+        by_hour = series(client.store, hours) if plot_to is not None else []
+    if plot_to is not None:
+        from tasks.cli.plot import plot_costs
+
+        plot_costs(by_hour, plot_to)
+        err_console.print(f"wrote {plot_to} ({len(by_hour)} hours with spend, last {hours})")
     if as_json:
         print_json(data)
         return

@@ -2,11 +2,13 @@
 
     flask --app flask_docs run                                # the web app, on port 5000
     celery -A make_celery worker -Q flask_docs.callbacks      # writes answers into the database
+    celery -A make_celery beat                                # the app's own recurring jobs
 
 The environment says where things are, so the same code serves the web app, the worker and the
 tests: ``MIXBATCH_REDIS_URL`` (the service's Redis, also the Celery broker),
 ``MIXBATCH_NAMESPACE`` (default "mb") and ``FLASK_DOCS_DATABASE_URL`` (a SQLAlchemy URL,
-default ``db.sqlite3`` beside this package).
+default ``db.sqlite3`` beside this package). ``FLASK_DOCS_DIGEST_EVERY_S`` runs the daily digest
+every so many seconds instead of at 06:00 UTC (the tests use it).
 """
 
 import os
@@ -16,9 +18,12 @@ from typing import Any
 
 import sqlalchemy as sa
 from celery import Celery, Task
+from celery.schedules import crontab
 from flask import Flask
 
 from flask_docs.db import metadata, mixbatch
+from flask_docs.requests import digest_requests
+from routing.contrib.common import enqueue_many_entry
 
 DEFAULT_DATABASE = Path(__file__).resolve().parent.parent / "db.sqlite3"
 
@@ -66,8 +71,17 @@ def celery_init_app(app: Flask) -> Celery:
         broker_connection_retry_on_startup=True,
         task_ignore_result=True,
         accept_content=["json"],
+        timezone="UTC",
+        # The app's own beat enqueues a recurring job into mixbatch: one message to
+        # ``mixbatch.enqueue_many``, which the service's worker takes from its control queue.
+        beat_schedule={"daily-digest": enqueue_many_entry(digest_requests(), _digest_schedule())},
     )
     celery_app.set_default()
     app.extensions["celery"] = celery_app
     mixbatch.callback_task(celery_app, app=app)
     return celery_app
+
+
+def _digest_schedule() -> float | crontab:
+    every = os.environ.get("FLASK_DOCS_DIGEST_EVERY_S")
+    return float(every) if every else crontab(hour=6, minute=0)

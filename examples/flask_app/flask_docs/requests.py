@@ -36,3 +36,22 @@ def classify(text: str) -> dict[str, Any]:
 
 #: task -> (the field the answer is written into, the request to make)
 TASKS = {"embed": ("embedding", embed), "classify": ("label", classify)}
+
+
+def digest_requests(lane: str = "standard") -> list[dict[str, Any]]:
+    """The daily digest the app's beat asks for (``mixbatch.enqueue_many``); fixed when beat
+    reads its schedule. A job built from the day's rows would be a task of the app's own that
+    calls ``routing.contrib.common.send_enqueue_many``."""
+    return [
+        {
+            "lane": lane,
+            "endpoint": "/v1/chat/completions",
+            "body": {
+                "model": CLASSIFIER_MODEL,
+                "messages": [{"role": "user", "content": f"Write the {topic} digest."}],
+                "max_tokens": 200,
+            },
+            "metadata": {"job": "daily-digest", "topic": topic},
+        }
+        for topic in ("invoices", "contracts")
+    ]
