@@ -42,7 +42,7 @@ from routing.models import (
 from routing.states import State
 from routing.store.base import decode, store_errors, url_errors
 from routing.store.lanes import DEFAULT_RESULT_TTL_S
-from routing.store.reads import ReadOps
+from routing.store.reads import ReadOps, wait_slice_s
 from routing.store.scripts import script_sources
 from routing.store.submit import TAKEOVER_S, SubmitOps
 
@@ -50,7 +50,6 @@ __all__ = ["AsyncClient"]
 
 _CONFIG_TTL_S = 30.0
 #: BLPOP waits in slices this long, under any socket timeout, so a dead server is noticed.
-_WAIT_SLICE_S = 2.0
 #: Rounds of creating a request whose custom_id a dead submitter reserved (see ``_enqueue``).
 _ROUNDS = 3
 
@@ -278,7 +277,7 @@ class AsyncClient(Producer):
 
     async def result(self, request_id: str, timeout: float | None = None) -> Result:
         """The answer, waiting for it if needed: BLPOP on the request's notify list, which every
-        finish pushes to, in slices of ``_WAIT_SLICE_S``; ``timeout`` in seconds.
+        finish pushes to, in slices under the socket timeout; ``timeout`` in seconds.
 
         Raises ``ResultTimeout`` if it is still in flight when the timeout runs out.
         """
@@ -289,7 +288,7 @@ class AsyncClient(Producer):
             answer = stored.result(request_id)
             if answer is not None:
                 return answer
-            left = _WAIT_SLICE_S if end is None else min(_WAIT_SLICE_S, end - time.monotonic())
+            left = wait_slice_s(end)
             if left <= 0:
                 raise ResultTimeout(request_id, timeout or 0.0, stored.status(request_id).state)
             with store_errors(self.redis_url):

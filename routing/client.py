@@ -24,6 +24,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
@@ -150,7 +151,7 @@ def prepare_items(
     return out
 
 
-class Producer:
+class Producer(ABC):
     """What ``Client`` and ``AsyncClient`` are built from: where the service's Redis is, the
     namespace, the tenant requests are submitted as, and a lanes table given instead of the
     published one. Each opens its own kind of connection in ``_connect`` (no round trip yet)."""
@@ -169,8 +170,9 @@ class Producer:
         self._fixed_config = config
         self._connect()
 
+    @abstractmethod
     def _connect(self) -> None:
-        raise NotImplementedError
+        """Open this client's Redis handle (sync or asyncio)."""
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({redact_url(self.redis_url)!r}, tenant={self.tenant!r})"

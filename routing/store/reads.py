@@ -23,6 +23,15 @@ from routing.store.base import StoreBase, decode, dumps, store_errors
 
 #: Below redis-py's default socket timeout (5 s), so a BLPOP never trips it.
 _WAIT_SLICE_S = 2.0
+
+
+def wait_slice_s(end: float | None) -> float:
+    """How long the next BLPOP of a wait may block: a slice under redis-py's socket timeout,
+    cut to what is left before ``end`` (monotonic; None waits for ever). Shared by the sync
+    store and the async client so both wait the same way."""
+    return _WAIT_SLICE_S if end is None else min(_WAIT_SLICE_S, end - time.monotonic())
+
+
 _CALLBACK: TypeAdapter[Any] = TypeAdapter(CallbackSpec | None)
 
 
@@ -166,7 +175,7 @@ class ReadOps(StoreBase):
             res = self.result(request_id)
             if res is not None:
                 return res
-            left = _WAIT_SLICE_S if end is None else min(_WAIT_SLICE_S, end - time.monotonic())
+            left = wait_slice_s(end)
             if left <= 0:
                 raise ResultTimeout(request_id, timeout_s or 0.0, self.status(request_id).state)
             with store_errors(self.url):
