@@ -28,7 +28,7 @@ EXAMPLES = {
     "results": "mixbatch results --out answers.jsonl",
     "lanes": "mixbatch lanes --json",
     "sandbox": "mixbatch sandbox --port 8900 --latency-ms 50 --rate-429 0.05",
-    "costs": "mixbatch costs --json",
+    "costs": "mixbatch costs --json   |   mixbatch costs --plot out.png --hours 24",
     "explain": "mixbatch explain standard.01JD3...   |   mixbatch explain standard.01JD3... --json",
     "top": "mixbatch top                     # Ctrl-C to leave; --once or --json for scripts",
     "health": "mixbatch health --json          # exit 0 healthy, 3 Redis down, 1 otherwise",

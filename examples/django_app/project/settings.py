@@ -1,4 +1,5 @@
-"""Settings of the example project: SQLite, the ``docs`` app and the mixbatch integration.
+"""Settings of the example project: SQLite, the ``docs`` app, the mixbatch integration and
+django-celery-beat (the nightly job's schedule lives in the database).
 
 The environment says where things are, so the same settings serve ``runserver``, the Celery
 worker and the tests:
@@ -19,6 +20,7 @@ DEBUG = True
 ALLOWED_HOSTS = ["127.0.0.1", "localhost", "testserver"]
 
 INSTALLED_APPS = [
+    "django_celery_beat",  # the nightly job, stored in the database (docs/migrations/0002)
     "routing.contrib.django",  # enqueue(), the store_answer task, the AppliedResult table
     "docs",
 ]
@@ -53,6 +55,10 @@ CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 CELERY_TASK_IGNORE_RESULT = True
 CELERY_ACCEPT_CONTENT = ["json"]
 CELERY_WORKER_HIJACK_ROOT_LOGGER = False
+# The app's own beat reads its jobs from the database (django-celery-beat's PeriodicTask):
+# ``celery -A project beat -S django``; this makes plain ``celery -A project beat`` do the same.
+CELERY_BEAT_SCHEDULER = "django_celery_beat.schedulers:DatabaseScheduler"
+CELERY_TIMEZONE = "UTC"
 
 LOGGING = {
     "version": 1,
