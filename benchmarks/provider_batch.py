@@ -7,12 +7,19 @@ subprocesses. The clock runs from the first ``submit_many`` call until every req
 DELIVERED; requests carry no callback, so delivery is the built-in result store.
 
     .venv/bin/python benchmarks/provider_batch.py --n 100000
+    .venv/bin/python benchmarks/provider_batch.py --n 20000 --profile /tmp/prof
+
+``--profile DIR`` runs every Celery pool process under cProfile (``benchmarks/profiling``,
+one ``<pid>.prof`` each), the producer's ``submit_many`` too (``producer.prof``), and adds the
+Redis server's ``INFO commandstats`` for the run, per request, to the report.
 """
 
 from __future__ import annotations
 
 import argparse
+import cProfile
 import json
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -63,7 +70,28 @@ def delivered(client: Client) -> int:
     return client.store.lane_stats("bulk").counts.get("delivered", 0)
 
 
-def run(n: int, workers: int, concurrency: int, timeout_s: float) -> dict[str, Any]:
+def commandstats(client: Client, n: int) -> dict[str, dict[str, float]]:
+    """The Redis server's calls and microseconds per command, per request of the run."""
+    raw = client.store.redis.info("commandstats")
+    out = {}
+    for name, stat in sorted(raw.items(), key=lambda kv: -kv[1]["usec"]):
+        out[name.removeprefix("cmdstat_")] = {
+            "calls_per_request": round(stat["calls"] / n, 3),
+            "usec_per_request": round(stat["usec"] / n, 2),
+        }
+    return out
+
+
+def run(
+    n: int, workers: int, concurrency: int, timeout_s: float, profile: Path | None = None
+) -> dict[str, Any]:
+    env = dict(ENV)
+    if profile is not None:
+        profile.mkdir(parents=True, exist_ok=True)
+        hook = str(ROOT / "benchmarks" / "profiling")
+        path = (hook, str(ROOT), os.environ.get("PYTHONPATH", ""))
+        env["PYTHONPATH"] = os.pathsep.join(p for p in path if p)
+        env["MIXBATCH_BENCH_PROFILE"] = str(profile.resolve())
     config = ServiceConfig(lanes=parse_lanes((ROOT / "config" / "lanes.toml").read_text()))
     items = workload(n)
     with tempfile.TemporaryDirectory(prefix="mixbatch-bench-") as tmp:
@@ -71,7 +99,7 @@ def run(n: int, workers: int, concurrency: int, timeout_s: float) -> dict[str, A
             Path(tmp),
             namespace="bench",
             knobs=Knobs(batch_turnaround_s=0.0, batch_validating_s=0.0),
-            env=ENV,
+            env=env,
         )
         with stack:
             stack.publish(config)
@@ -81,8 +109,15 @@ def run(n: int, workers: int, concurrency: int, timeout_s: float) -> dict[str, A
             stack.start_beat()
             stack.wait_workers(names)
             with Client(stack.url, namespace="bench", config=config) as client:
+                client.store.redis.config_resetstat()
+                producer = cProfile.Profile() if profile is not None else None
                 start = time.perf_counter()
+                if producer is not None:
+                    producer.enable()
                 client.submit_many(items, chunk_size=5000)
+                if producer is not None and profile is not None:
+                    producer.disable()
+                    producer.dump_stats(profile / "producer.prof")
                 submitted = time.perf_counter() - start
                 end = time.monotonic() + timeout_s
                 done = 0
@@ -93,6 +128,7 @@ def run(n: int, workers: int, concurrency: int, timeout_s: float) -> dict[str, A
                     time.sleep(0.2)
                 elapsed = time.perf_counter() - start
                 batches = stack.sandbox.stats()["batches"]["created"]
+                redis_stats = commandstats(client, n) if profile is not None else None
     return {
         "n": n,
         "delivered": done,
@@ -102,6 +138,7 @@ def run(n: int, workers: int, concurrency: int, timeout_s: float) -> dict[str, A
         "total_s": round(elapsed, 2),
         "requests_per_s": round(done / elapsed),
         "provider_batches": batches,
+        **({"redis_commandstats": redis_stats} if redis_stats is not None else {}),
     }
 
 
@@ -112,8 +149,9 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=2)
     parser.add_argument("--timeout", type=float, default=600.0)
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--profile", type=Path, help="write cProfile files and commandstats here")
     args = parser.parse_args()
-    result = run(args.n, args.workers, args.concurrency, args.timeout)
+    result = run(args.n, args.workers, args.concurrency, args.timeout, args.profile)
     if args.json:
         print(json.dumps(result, indent=2))
         return

@@ -6,7 +6,6 @@ from datetime import timedelta
 
 from kombu import Queue
 
-from config.ops import redbeat_config
 from config.queues import (
     BATCH_QUEUE,
     CONTROL_QUEUE,
@@ -15,20 +14,29 @@ from config.queues import (
     REALTIME_QUEUE,
     SERVICE_QUEUES,
 )
-from config.settings import get_settings
+from config.settings import get_settings, redbeat_store_config
 
 _s = get_settings()
 
 
+# Celery's broker may be another engine than the lane store (MIXBATCH_BROKER_URL: RabbitMQ, a
+# Redis, a Sentinel service); durability is the lane store's, so a lost or repeated message
+# neither loses nor repeats a request (docs/scale-out.md).
 broker_url = _s.broker_url()
-# MIXBATCH_BEAT_SCHEDULER=redbeat: schedule and lock in Redis, so a second beat never double-fires
-globals().update(redbeat_config(broker_url, _s.namespace))
+# MIXBATCH_BEAT_SCHEDULER=redbeat: schedule and lock in the lane store, so a beat on every host
+# is safe (one fires, the others wait on the lock); needed whenever beat runs on several hosts
+globals().update(redbeat_store_config(_s.store_url(), _s.namespace))
 broker_connection_retry_on_startup = True
 broker_transport_options = {
     "visibility_timeout": _s.visibility_timeout_s,
     "priority_steps": list(range(10)),
     "queue_order_strategy": "priority",
+    **_s.broker_transport_options(),
 }
+if broker_url.startswith(("amqp", "pyamqp")):
+    # RabbitMQ confirms each publish: a Celery-callback delivery is marked only once the broker
+    # has the message (a Redis broker has no such confirm: docs/scale-out.md)
+    broker_transport_options["confirm_publish"] = True
 task_serializer = "json"
 result_serializer = "json"
 accept_content = ["json"]

@@ -24,7 +24,11 @@ def _table(path: str, env_items: tuple[tuple[str, str], ...]) -> dict[str, Provi
 
 def capabilities(settings: Settings) -> dict[str, ProviderCapabilities]:
     env = tuple(
-        sorted((k, v) for k, v in os.environ.items() if k.endswith(("_API_KEY", "_BASE_URL")))
+        sorted(
+            (k, v)
+            for k, v in os.environ.items()
+            if k.endswith(("_API_KEY", "_BASE_URL", "_ACCESS_KEY_ID"))
+        )
     )
     return _table(str(settings.providers_file), env)
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import functools
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -18,6 +18,7 @@ from routing.decide.lanes import parse_lanes
 from routing.errors import ConfigError
 from routing.models import LaneSpec, ServiceConfig
 from routing.sinks import SinkTable, get_sink_settings, load_sinks
+from routing.store.base import redact_url
 
 DEFAULT_LANES_FILE = Path(__file__).with_name("lanes.toml")
 DEFAULT_SINKS_FILE = Path(__file__).with_name("sinks.toml")
@@ -27,7 +28,18 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="MIXBATCH_", extra="ignore")
 
     redis_url: str | None = Field(
-        default=None, description="Redis for lanes and the Celery broker; unset: embedded Redis"
+        default=None,
+        description="the lane store: redis://, rediss://, redis+cluster://, redis+sentinel://; "
+        "unset: embedded Redis",
+    )
+    celery_broker_url: str | None = Field(
+        default=None,
+        validation_alias="MIXBATCH_BROKER_URL",
+        description="Celery's broker (amqp://, redis://, sentinel://); unset: the store's URL "
+        "when that is one Redis node or a Sentinel service; required with a cluster store",
+    )
+    broker_master_name: str | None = Field(
+        default=None, description="the Sentinel service of a sentinel:// MIXBATCH_BROKER_URL"
     )
     data_dir: Path = Field(default=Path(".mixbatch"), description="embedded Redis data, beat state")
     namespace: str = Field(default="mb", description="prefix of every Redis key")
@@ -64,6 +76,11 @@ class Settings(BaseSettings):
     )
     providers: tuple[str, ...] = Field(
         default=("openai", "anthropic"), description="accounts whose keys must be set at start"
+    )
+    route_accounts: dict[str, tuple[str, ...]] = Field(
+        default_factory=dict,
+        description='endpoint -> accounts serving it, e.g. {"/v1/messages": ["bedrock"]}; unset: '
+        "openai for OpenAI's endpoints, anthropic for /v1/messages, gemini for Gemini's",
     )
     prices_file: Path = Field(default=Path(__file__).with_name("prices.toml"))
     batch_enabled: bool = Field(default=True, description="route to provider batches at all")
@@ -152,8 +169,8 @@ class Settings(BaseSettings):
             default_max_attempts=self.default_max_attempts,
         )
 
-    def broker_url(self) -> str:
-        """The Redis every process shares: the configured one, else the running embedded one."""
+    def store_url(self) -> str:
+        """The lane store every process shares: the configured one, else the embedded one."""
         if self.redis_url:
             return self.redis_url
         from routing.store.embedded import running_url
@@ -165,6 +182,95 @@ class Settings(BaseSettings):
                 f"{str(self.data_dir)!r}: start everything with `mixbatch up`, or set MIXBATCH_REDIS_URL"
             )
         return url
+
+    def broker_url(self) -> str:
+        """Celery's broker: ``MIXBATCH_BROKER_URL``, else the store's own Redis (``broker_for``)."""
+        return broker_for(self.store_url(), self.celery_broker_url)
+
+    def broker_transport_options(self) -> dict[str, Any]:
+        """What the broker's transport needs besides its URL: a Sentinel broker's service."""
+        url = self.broker_url()
+        if not url.startswith("sentinel://"):
+            return {}
+        name = self.broker_master_name
+        if name is None and self.redis_url and self.redis_url.startswith(_SENTINEL_STORES):
+            name = self.redis_url.partition("://")[2].split("/")[1]
+        if not name:
+            raise ConfigError(
+                "MIXBATCH_BROKER_URL is a sentinel:// broker: set MIXBATCH_BROKER_MASTER_NAME "
+                "to the Sentinel service Celery's queues live on"
+            )
+        return {"master_name": name}
+
+
+#: Celery transports mixbatch runs on: RabbitMQ (amqp), one Redis, a Sentinel-managed Redis.
+BROKER_SCHEMES = ("amqp", "amqps", "pyamqp", "redis", "rediss", "sentinel")
+_SENTINEL_STORES = ("redis+sentinel://", "rediss+sentinel://")
+
+
+def broker_for(store_url: str, broker_url: str | None) -> str:
+    """Celery's broker for a lane store at ``store_url``, ``broker_url`` when one is set.
+
+    Celery's Redis transport speaks to one node or through Sentinel, never to a Redis Cluster:
+    a cluster store needs a broker of its own. A Sentinel store lends its sentinels to Celery.
+    Durability is the lane store's either way, so any broker will do (docs/scale-out.md).
+    """
+    if broker_url:
+        scheme = broker_url.partition("://")[0].lower()
+        if scheme not in BROKER_SCHEMES:
+            raise ConfigError(
+                f"MIXBATCH_BROKER_URL: {redact_url(broker_url)} is no broker mixbatch runs on; "
+                "use amqp:// (RabbitMQ), redis:// or sentinel://"
+            )
+        return broker_url
+    scheme = store_url.partition("://")[0].lower()
+    if scheme in ("redis+cluster", "rediss+cluster"):
+        raise ConfigError(
+            f"MIXBATCH_BROKER_URL is unset and MIXBATCH_REDIS_URL ({redact_url(store_url)}) is a "
+            "Redis Cluster, which Celery's Redis transport cannot use: set MIXBATCH_BROKER_URL "
+            "to amqp://... (RabbitMQ), redis://... or sentinel://..."
+        )
+    if store_url.startswith(_SENTINEL_STORES):
+        hosts = store_url.partition("://")[2].split("/")[0].rpartition("@")
+        auth = f"{hosts[0]}@" if hosts[1] else ""
+        db = (store_url.split("/")[4:5] or ["0"])[0] or "0"
+        return ";".join(f"sentinel://{auth}{h}/{db}" for h in hosts[2].split(","))
+    return store_url
+
+
+def redbeat_store_config(store_url: str, namespace: str) -> dict[str, Any]:
+    """RedBeat's settings (``config.ops.redbeat_config``) on the lane store, in any form.
+
+    RedBeat builds its own client: a cluster store is passed as one node plus
+    ``cluster=True`` (its keys share one hash tag, so the lock and schedule stay in one slot);
+    a Sentinel store as its sentinels and service.
+    """
+    from config.ops import redbeat_config
+    from routing.store.connect import parse_redis_url
+
+    conf = redbeat_config(store_url, namespace)
+    if not conf:
+        return conf
+    target = parse_redis_url(store_url)
+    if target.kind == "node":
+        return conf
+    options: dict[str, Any] = {"password": target.password} if target.password else {}
+    if target.username:
+        options["username"] = target.username
+    host, port = target.nodes[0]
+    if target.kind == "cluster":
+        conf["redbeat_redis_url"] = target.node_url(host, port)
+        conf["redbeat_redis_options"] = {"cluster": True}
+        conf["redbeat_key_prefix"] = f"{{{namespace}:redbeat}}:"
+    else:
+        conf["redbeat_redis_url"] = f"redis-sentinel://{host}:{port}/{target.db}"
+        conf["redbeat_redis_options"] = {
+            **options,
+            "sentinels": list(target.nodes),
+            "service_name": target.service,
+            "db": target.db,
+        }
+    return conf
 
 
 @functools.cache

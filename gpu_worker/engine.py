@@ -17,6 +17,11 @@ in order. Inside, a request goes through four steps:
    urgent request handed to ``run`` on another thread joins the very next batch instead of
    waiting for a bulk ``run`` to finish, and it hands over when its own requests are answered.
 
+A request cancelled meanwhile (``Engine.cancel``, called when its lease is lost) or past its
+``drop_after`` is dropped from the pool before the batch it would join is formed: it is answered
+409 ``cancelled`` or 408 ``deadline_exceeded`` and never costs device time. One already on the
+device finishes with its batch.
+
 On out-of-memory the batch is split in halves and each half retried, and the token budget drops
 to half of what failed; each batch that then succeeds grows it back by 10 % up to the configured
 ``max_batch_tokens``. Any other failure of a batch is bisected the same way, so one poisonous
@@ -35,9 +40,8 @@ import statistics
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Hashable, Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import Any, TypedDict
+from collections.abc import Callable, Hashable, Sequence
+from typing import Any
 
 import torch
 
@@ -46,6 +50,17 @@ from gpu_worker.backends.base import Job, Piece
 from gpu_worker.config import ModelSpec
 from gpu_worker.errors import ConfigError, RequestError
 from gpu_worker.packer import Item, pack
+from gpu_worker.work import (
+    BatchReport,
+    ErrorBody,
+    LocalAnswer,
+    LocalRequest,
+    _Call,
+    _Slot,
+    _Ticket,
+)
+
+__all__ = ["BatchReport", "Engine", "ErrorBody", "LocalAnswer", "LocalRequest"]
 
 log = logging.getLogger(__name__)
 
@@ -53,92 +68,6 @@ GROWTH = 1.10
 """After an out-of-memory, each clean batch grows the budget by this factor, up to the max."""
 STATS_WINDOW = 256
 """Batches (and queue waits, times four) that ``stats()`` averages over."""
-
-
-@dataclass(frozen=True, slots=True)
-class LocalRequest:
-    """One request for the local route: the provider-shaped body, and when it is due (unix s)."""
-
-    id: str
-    endpoint: str
-    body: Mapping[str, Any]
-    lane: str = "standard"
-    deadline: float = math.inf
-    priority: int = 0
-
-
-class ErrorBody(TypedDict):
-    code: str
-    message: str
-
-
-@dataclass(frozen=True, slots=True)
-class LocalAnswer:
-    """The outcome of one request: a provider-shaped ``body``, or an ``error`` and its status.
-
-    ``truncated`` says an input was cut to the model's limit; it lives here rather than in the
-    body, so the body stays exactly what a provider would have returned.
-    """
-
-    id: str
-    status_code: int
-    body: dict[str, Any] | None
-    error: ErrorBody | None = None
-    truncated: bool = False
-
-    @property
-    def ok(self) -> bool:
-        return self.error is None
-
-    @property
-    def retryable(self) -> bool:
-        """5xx (out of memory, an internal failure): the same request may well succeed later."""
-        return self.status_code >= 500
-
-    @classmethod
-    def failed(cls, request_id: str, exc: RequestError) -> LocalAnswer:
-        return cls(request_id, exc.status_code, None, ErrorBody(code=exc.code, message=str(exc)))
-
-
-@dataclass(eq=False, slots=True)
-class _Call:
-    """One ``run`` call: how many of its requests still lack an answer."""
-
-    left: int
-
-
-@dataclass(eq=False, slots=True)
-class _Ticket:
-    request: LocalRequest
-    call: _Call
-    arrived: float
-    job: Job | None = None
-    pieces: list[Piece] = field(default_factory=list)
-    results: list[Any] = field(default_factory=list)
-    remaining: int = 0
-    answer: LocalAnswer | None = None
-
-
-@dataclass(eq=False, slots=True)
-class _Slot:
-    """One tokenised input in the pool, and where its result goes."""
-
-    ticket: _Ticket
-    index: int
-    piece: Piece
-    item: Item
-
-
-@dataclass(frozen=True, slots=True)
-class BatchReport:
-    """One micro-batch that ran, given to ``on_batch``: for logs, metrics and tests."""
-
-    request_ids: tuple[str, ...]
-    items: int
-    tokens: int
-    padded: int
-    output_tokens: int
-    busy_s: float
 
 
 class Engine:
@@ -172,6 +101,7 @@ class Engine:
         self._plan_stale = True
         self._leader = False
         self._keys = itertools.count()
+        self._live: dict[str, list[_Ticket]] = {}
         self._reset_stats()
         if warmup:
             self._warm()
@@ -183,6 +113,9 @@ class Engine:
         call = _Call(left=len(requests))
         arrived = time.monotonic()
         tickets = [_Ticket(r, call, arrived) for r in requests]
+        with self._cond:
+            for ticket in tickets:
+                self._live.setdefault(ticket.request.id, []).append(ticket)
         waiting: list[_Ticket] = []
         for ticket in tickets:
             try:
@@ -200,9 +133,68 @@ class Engine:
                 self._drain(call)
             finally:
                 tokenizer.join()
+        with self._cond:
+            for ticket in tickets:
+                same = self._live.get(ticket.request.id, [])
+                if ticket in same:
+                    same.remove(ticket)
+                if not same:
+                    self._live.pop(ticket.request.id, None)
         answers = [t.answer for t in tickets]
         assert all(a is not None for a in answers), "every request is answered"
         return [a for a in answers if a is not None]
+
+    def cancel(self, request_ids: Sequence[str]) -> int:
+        """Drop these requests wherever they wait (tokenising, or in the pool): each is answered
+        409 ``cancelled`` at once. A request already on the device finishes with its batch.
+        Returns how many were dropped."""
+        dropped = 0
+        with self._cond:
+            for rid in request_ids:
+                for ticket in self._live.get(rid, []):
+                    if ticket.answer is None and not ticket.cancelled:
+                        ticket.cancelled = True
+                        dropped += 1
+            if dropped:
+                self._drop_waiting(time.time())
+                self._cond.notify_all()
+        return dropped
+
+    def _drop_waiting(self, now: float) -> int:
+        """Answer and remove every pool slot whose request was cancelled or is past its
+        ``drop_after`` (under the lock); the plan is made again without them."""
+        gone = [
+            key
+            for key, slot in self._pool.items()
+            if slot.ticket.cancelled or slot.ticket.request.drop_after <= now
+        ]
+        for key in gone:
+            ticket = self._pool.pop(key).ticket
+            if ticket.answer is None:
+                self._finish(ticket, self._dropped(ticket))
+        if gone:
+            self._plan_stale = True
+            self._totals["dropped"] += len(gone)
+            self._cond.notify_all()  # a caller whose last request this was stops waiting
+        return len(gone)
+
+    @staticmethod
+    def dropped_answer(request_id: str, *, cancelled: bool = True) -> LocalAnswer:
+        """The answer of a request dropped before the device: 409 cancelled, 408 expired."""
+        if cancelled:
+            exc = RequestError(
+                "cancelled", "cancelled before it reached the device", status_code=409
+            )
+        else:
+            exc = RequestError(
+                "deadline_exceeded",
+                "past its deadline before it reached the device",
+                status_code=408,
+            )
+        return LocalAnswer.failed(request_id, exc)
+
+    def _dropped(self, ticket: _Ticket) -> LocalAnswer:
+        return self.dropped_answer(ticket.request.id, cancelled=ticket.cancelled)
 
     def stats(self) -> dict[str, Any]:
         """Measured over the last batches: what the worker publishes for the route choice.
@@ -291,8 +283,15 @@ class Engine:
             log.exception("tokenizing %d requests failed", len(chunk))
             failure = RequestError("internal_error", f"tokenizing failed: {exc}", status_code=500)
             outcomes = [failure] * len(chunk)
+        now = time.time()
         with self._cond:
             for ticket, outcome in zip(chunk, outcomes, strict=True):
+                if ticket.answer is not None:
+                    continue
+                if ticket.cancelled or ticket.request.drop_after <= now:
+                    self._finish(ticket, self._dropped(ticket))
+                    self._totals["dropped"] += 1
+                    continue
                 if isinstance(outcome, RequestError):
                     self._finish(ticket, LocalAnswer.failed(ticket.request.id, outcome))
                     continue
@@ -336,7 +335,9 @@ class Engine:
             self._execute(slots)
 
     def _take(self) -> list[_Slot]:
-        """The next batch of the plan; re-planned when the pool or the budget has changed."""
+        """The next batch of the plan; re-planned when the pool or the budget has changed.
+        Cancelled and expired requests leave the pool first: they never reach the device."""
+        self._drop_waiting(time.time())
         if self._plan_stale or not self._plan:
             items = [slot.item for slot in self._pool.values()]
             self._plan = deque(
@@ -485,4 +486,11 @@ class Engine:
     def _reset_stats(self) -> None:
         self._records: deque[BatchReport] = deque(maxlen=STATS_WINDOW)
         self._waits: deque[float] = deque(maxlen=4 * STATS_WINDOW)
-        self._totals = {"batches": 0, "items": 0, "tokens": 0, "padded_tokens": 0, "oom_events": 0}
+        self._totals = {
+            "batches": 0,
+            "items": 0,
+            "tokens": 0,
+            "padded_tokens": 0,
+            "oom_events": 0,
+            "dropped": 0,
+        }

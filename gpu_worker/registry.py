@@ -34,6 +34,8 @@ class Registry:
         self.engine_options = engine_options
         self._engines: dict[str, Engine] = {}
         self._lock = threading.Lock()
+        self._waiting: set[str] = set()  # ids of the runs in flight
+        self._cancelled: set[str] = set()  # of those, the ones cancelled
 
     @classmethod
     def from_file(
@@ -88,7 +90,28 @@ class Registry:
             except RequestError as exc:
                 answers[i] = LocalAnswer.failed(request.id, exc)
         order = sorted(groups.items(), key=lambda g: min(requests[i].deadline for i in g[1]))
-        for name, indices in order:
-            served = self.engine(name).run([requests[i] for i in indices])
-            answers.update(zip(indices, served, strict=True))
+        ids = {r.id for r in requests}
+        with self._lock:
+            self._waiting |= ids
+        try:
+            for name, indices in order:
+                with self._lock:
+                    gone = self._cancelled & {requests[i].id for i in indices}
+                for i in indices:
+                    if requests[i].id in gone:
+                        answers[i] = Engine.dropped_answer(requests[i].id)
+                keep = [i for i in indices if requests[i].id not in gone]
+                served = self.engine(name).run([requests[i] for i in keep]) if keep else []
+                answers.update(zip(keep, served, strict=True))
+        finally:
+            with self._lock:
+                self._waiting -= ids
+                self._cancelled -= ids
         return [answers[i] for i in range(len(requests))]
+
+    def cancel(self, request_ids: Sequence[str]) -> int:
+        """Drop these requests before they reach a device: the ones a model is serving now
+        (``Engine.cancel``), and the ones of this run waiting for their model's turn."""
+        with self._lock:
+            self._cancelled |= self._waiting & set(request_ids)
+        return sum(engine.cancel(request_ids) for engine in self.loaded())

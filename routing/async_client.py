@@ -24,12 +24,11 @@ from collections.abc import Awaitable, Callable, Iterable, Sequence
 from functools import partial
 from typing import Any
 
-import redis.asyncio as aioredis
 from redis.asyncio.client import Pipeline
 
 from routing.client import Producer, as_request, no_lanes_table, prepare_items
 from routing.errors import InvalidRequest, LaneFull, NotFound, ResultTimeout
-from routing.keys import Keys, lane_of, new_request_id
+from routing.keys import Keys, lane_of, new_request_id, shard_of
 from routing.models import (
     Prepared,
     Request,
@@ -40,11 +39,13 @@ from routing.models import (
     prepare,
 )
 from routing.states import State
-from routing.store.base import decode, store_errors, url_errors
+from routing.store.base import decode, dumps, store_errors
+from routing.store.connect import aclose_async, connect_async, is_cluster
 from routing.store.lanes import DEFAULT_RESULT_TTL_S
 from routing.store.reads import ReadOps, wait_slice_s
+from routing.store.replicas_async import AsyncReplication
 from routing.store.scripts import script_sources
-from routing.store.submit import TAKEOVER_S, SubmitOps
+from routing.store.submit import TAKEOVER_S, SubmitOps, shard_cap
 
 __all__ = ["AsyncClient"]
 
@@ -54,8 +55,9 @@ _CONFIG_TTL_S = 30.0
 _ROUNDS = 3
 
 
-def _hget(key: str, field: str, pipe: Pipeline) -> Awaitable[Any]:
-    return pipe.hget(key, field)
+async def _hget(key: str, field: str, pipe: Pipeline) -> None:
+    """Queued, not awaited: awaiting a cluster pipeline (re)initialises it, dropping the queue."""
+    pipe.hget(key, field)
 
 
 class _Stored(SubmitOps, ReadOps):
@@ -79,8 +81,9 @@ class AsyncClient(Producer):
 
     def _connect(self) -> None:
         self.keys = Keys(self.namespace)
-        with url_errors(self.redis_url):
-            self.redis = aioredis.Redis.from_url(self.redis_url, health_check_interval=30)
+        self.redis = connect_async(self.redis_url)
+        self.cluster = is_cluster(self.redis_url)
+        self.replication = AsyncReplication.for_url(self.redis_url)
         self.scripts = {n: self.redis.register_script(s) for n, s in script_sources().items()}
         self._result_ttl_s = DEFAULT_RESULT_TTL_S
         self._config: tuple[float, ServiceConfig] | None = None
@@ -92,7 +95,8 @@ class AsyncClient(Producer):
         await self.aclose()
 
     async def aclose(self) -> None:
-        await self.redis.aclose()  # type: ignore[attr-defined]  # types-redis predates it
+        await self.replication.aclose()
+        await aclose_async(self.redis)
 
     async def config(self) -> ServiceConfig:
         """The lanes table and limits the service published, re-read every 30 s."""
@@ -159,7 +163,9 @@ class AsyncClient(Producer):
         total: int | None = None,
     ) -> list[Ticket]:
         """Create each request with ``submit_one.lua`` (custom_id reserved and request created
-        in one step), every request of a round in one pipelined round trip.
+        in one step), every request of a round in one pipelined round trip; on a Redis Cluster
+        in two steps (``_create_apart``). Once created, the requests' masters' replicas have
+        them (``MIXBATCH_REDIS_MIN_REPLICAS``), or ``ReplicationTimeout`` is raised.
 
         A custom_id already reserved answers with the first request's ticket. When that first
         submitter died before creating its request (reserved longer than ``TAKEOVER_S`` ago,
@@ -170,14 +176,19 @@ class AsyncClient(Producer):
         """
         now = time.time()
         pending = list(items)
-        ids = [new_request_id(p.lane, now) for p in pending]
+        ids = [new_request_id(p.lane, now, config.lane(p.lane).shards) for p in pending]
         tickets: dict[int, Ticket] = {}
         full: list[int] = []
         todo = list(range(len(pending)))
         for round_ in range(_ROUNDS):
-            replies = await self._pipelined(
-                [self._submit_one(pending[i], ids[i], config, now) for i in todo]
-            )
+            if self.cluster:
+                replies = await self._create_apart(pending, ids, todo, config, now)
+            else:
+                replies = await self._pipelined(
+                    [self._submit_one(pending[i], ids[i], config, now) for i in todo]
+                )
+            created = [i for i, reply in zip(todo, replies, strict=True) if int(reply[0]) == 1]
+            await self.replication.confirm(self.redis, [self.keys.request(ids[i]) for i in created])
             dups: dict[int, str] = {}
             for i, reply in zip(todo, replies, strict=True):
                 code, item = int(reply[0]), pending[i]
@@ -242,6 +253,79 @@ class AsyncClient(Producer):
                 duplicate=True,
             )
         return again
+
+    async def _create_apart(
+        self,
+        pending: list[Prepared],
+        ids: list[str],
+        todo: list[int],
+        config: ServiceConfig,
+        now: float,
+    ) -> list[list[Any]]:
+        """``submit_one.lua``'s replies for a Redis Cluster, where a custom_id (its tenant's
+        slot) and a request (its lane's slot) cannot share one script: reserve the custom_ids
+        (``claim_ids.lua``), then create the winners and those without one
+        (``submit_many.lua``, one request each), releasing the custom_id of one refused, as the
+        sync store does. Each step is one pipelined round trip."""
+        k, st = self.keys, self._store()
+        reserve = [i for i in todo if pending[i].custom_id]
+        rows = [[f"{ids[i]}|{now!r}", st._idem_ttl(pending[i], now)] for i in reserve]
+        held = await self._pipelined(
+            [
+                partial(
+                    self._eval,
+                    "claim_ids",
+                    [k.idempotency(pending[i].tenant, pending[i].custom_id or "")],
+                    [dumps([row])],
+                )
+                for i, row in zip(reserve, rows, strict=True)
+            ]
+        )
+        replies: dict[int, list[Any]] = {
+            i: [0, out[0]] for i, out in zip(reserve, held, strict=True) if out[0] != 1
+        }
+        create = [i for i in todo if i not in replies]
+        codes = await self._pipelined(
+            [self._create_one(pending[i], ids[i], config, now) for i in create]
+        )
+        for i, out in zip(create, codes, strict=True):
+            replies[i] = [int(out[0])]
+            if replies[i][0] != 1 and pending[i].custom_id:
+                idem = k.idempotency(pending[i].tenant, pending[i].custom_id or "")
+                await self._pipelined(
+                    [partial(self._eval, "release_idempotency", [idem], [ids[i]])]
+                )
+        return [replies[i] for i in todo]
+
+    def _create_one(
+        self, item: Prepared, rid: str, config: ServiceConfig, now: float
+    ) -> Callable[[Pipeline], Awaitable[Any]]:
+        """``submit_many.lua`` for one request in its lane shard's slot, for a pipeline."""
+        k, lane, shard = self.keys, lane_of(rid), shard_of(rid)
+        if item.lane != lane:
+            item = item.model_copy(update={"lane": lane})
+        row = [
+            rid,
+            repr(item.deadline),
+            item.tenant,
+            item.custom_id or "",
+            item.max_attempts,
+            item.model_dump_json(),
+        ]
+        keys = [
+            k.queue(lane, shard),
+            k.queue_age(lane, shard),
+            k.counts(lane, shard),
+            k.request(rid),
+        ]
+        args = [shard_cap(config.lane(lane)), repr(now), State.QUEUED.value, dumps([row])]
+        return partial(self._eval, "submit_many", keys, args)
+
+    @staticmethod
+    async def _eval(name: str, keys: list[str], args: list[Any], pipe: Pipeline) -> None:
+        """Queue a script as ``EVAL`` with its text: a cluster pipeline routes it by its keys
+        (which share one slot), and a node it lands on need never have loaded it."""
+        pipe.execute_command("EVAL", script_sources()[name], len(keys), *keys, *args)
 
     def _submit_one(
         self, item: Prepared, rid: str, config: ServiceConfig, now: float

@@ -19,6 +19,7 @@ none is named)::
     ├── ResultTimeout             result(id, timeout) ran out (also a TimeoutError)
     ├── SemaphoreBusy             every realtime slot stayed taken for the whole wait
     ├── StoreUnavailable          Redis cannot be reached
+    │   └── ReplicationTimeout    too few replicas acknowledged a submit (not accepted)
     ├── ConfigError               settings, lanes file or environment are wrong
     │   └── QuantileError         routing.decide.estimates: a quantile outside (0, 1)
     ├── ProviderError             a provider answered badly (retryable or not)
@@ -127,6 +128,10 @@ class StoreUnavailable(MixbatchError):
     """Redis cannot be reached; the message names the URL without its password."""
 
     retryable = True
+
+
+class ReplicationTimeout(StoreUnavailable):
+    """Fewer replicas than MIXBATCH_REDIS_MIN_REPLICAS acknowledged a submit in time."""
 
 
 class ConfigError(MixbatchError):

@@ -2,6 +2,9 @@
 
 Existing batch files work unchanged. The whole file is validated before anything is
 enqueued, so a bad line leaves the lanes untouched; every error names its line.
+
+``loads`` parses a line of a provider's results with ``orjson`` when it is installed (the
+``fast`` extra; several times quicker on the collector's hot path), else with ``json``.
 """
 
 from __future__ import annotations
@@ -15,6 +18,23 @@ from pydantic import BaseModel, ConfigDict, PrivateAttr, ValidationError
 from routing.decide.tables import first_error
 from routing.errors import MalformedInput
 from routing.models import ENDPOINTS, Result
+
+try:  # optional: the ``fast`` extra
+    from orjson import loads as _fast_loads
+except ImportError:  # pragma: no cover - exercised where orjson is not installed
+    _fast_loads = None  # type: ignore[assignment]
+
+
+def loads(text: str | bytes) -> Any:
+    """``json.loads``, through orjson where it is installed. A text orjson refuses and json
+    takes (``NaN``, ``Infinity``) is handed to json. One difference is left: orjson reads an
+    integer past 64 bits as a float (no provider's usage or body comes near one)."""
+    if _fast_loads is not None:
+        try:
+            return _fast_loads(text)
+        except ValueError:
+            pass
+    return json.loads(text)
 
 
 class BatchLine(BaseModel):

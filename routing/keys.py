@@ -1,15 +1,18 @@
 """Every Redis key mixbatch uses, built in one place.
 
 A lane's keys, and the keys of every request in it, share the hash tag ``{lane:NAME}`` so each
-Lua script touches one cluster slot: the store runs on Redis Cluster unchanged and a hot lane
-can be moved to its own shard. A request id starts with its lane (``urgent.01J...``), so any
-process can find a request's keys from its id alone.
+Lua script touches one cluster slot: the store runs on Redis Cluster unchanged. A lane with
+``shards = N`` (lanes.toml) spreads over N slots: shard 0 keeps the tag ``{lane:NAME}`` (so a lane
+of one shard has exactly the keys it always had) and shard ``s`` > 0 has ``{lane:NAME#s}``. A
+request id starts with its lane and, past shard 0, its shard (``urgent.01J...``,
+``bulk.3.01J...``), so any process finds a request's keys from its id alone.
 """
 
 from __future__ import annotations
 
 import base64
 import hashlib
+import itertools
 import os
 import time
 from typing import Literal
@@ -23,6 +26,7 @@ BatchIndex = Literal[
 ObsKind = Literal["b", "r", "g"]
 ObsHash = Literal["inflight", "headroom"]
 DeadLetterPart = Literal["at", "entries"]
+HedgePart = Literal["pending", "from", "index"]
 
 _CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
 _FROM_RFC4648 = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ234567", _CROCKFORD)
@@ -39,8 +43,14 @@ def ulid(now: float | None = None) -> str:
     return base64.b32encode(b"\0\0\0\0" + raw).decode().translate(_FROM_RFC4648)[6:]
 
 
-def new_request_id(lane: str, now: float | None = None) -> str:
-    return f"{lane}.{ulid(now)}"
+#: Round robin over a lane's shards, per process: one ``submit_many`` spreads evenly.
+_spread = itertools.count()
+
+
+def new_request_id(lane: str, now: float | None = None, shards: int = 1) -> str:
+    """A new id in ``lane``; with ``shards`` > 1, in the next shard of a per-process round robin."""
+    shard = next(_spread) % shards if shards > 1 else 0
+    return f"{lane}.{shard}.{ulid(now)}" if shard else f"{lane}.{ulid(now)}"
 
 
 def lane_of(request_id: str) -> str:
@@ -50,44 +60,52 @@ def lane_of(request_id: str) -> str:
     return lane
 
 
+def shard_of(request_id: str) -> int:
+    """The shard in an id (``bulk.3.01J...`` -> 3); 0 for an id with none (``bulk.01J...``).
+    A shard is one or two digits (``LaneSpec.shards`` is at most 64); a ULID is 26 characters."""
+    lane_of(request_id)
+    head, sep, _ = request_id.split(".", 1)[1].partition(".")
+    return int(head) if sep and head.isdigit() and len(head) <= 2 else 0
+
+
 class Keys:
     """Key names under one namespace (``MIXBATCH_NAMESPACE``), so deployments can share a Redis."""
 
     def __init__(self, namespace: str = "mb") -> None:
         self.ns = namespace
 
-    def lane_tag(self, lane: str) -> str:
-        return f"{self.ns}:{{lane:{lane}}}"
+    def lane_tag(self, lane: str, shard: int = 0) -> str:
+        return f"{self.ns}:{{lane:{lane}#{shard}}}" if shard else f"{self.ns}:{{lane:{lane}}}"
 
-    def queue(self, lane: str) -> str:
-        return f"{self.lane_tag(lane)}:q"
+    def queue(self, lane: str, shard: int = 0) -> str:
+        return f"{self.lane_tag(lane, shard)}:q"
 
-    def queue_age(self, lane: str) -> str:
-        return f"{self.lane_tag(lane)}:qage"
+    def queue_age(self, lane: str, shard: int = 0) -> str:
+        return f"{self.lane_tag(lane, shard)}:qage"
 
-    def delayed(self, lane: str) -> str:
-        return f"{self.lane_tag(lane)}:delayed"
+    def delayed(self, lane: str, shard: int = 0) -> str:
+        return f"{self.lane_tag(lane, shard)}:delayed"
 
-    def leases(self, lane: str) -> str:
-        return f"{self.lane_tag(lane)}:leases"
+    def leases(self, lane: str, shard: int = 0) -> str:
+        return f"{self.lane_tag(lane, shard)}:leases"
 
-    def outbox(self, lane: str) -> str:
-        return f"{self.lane_tag(lane)}:outbox"
+    def outbox(self, lane: str, shard: int = 0) -> str:
+        return f"{self.lane_tag(lane, shard)}:outbox"
 
-    def finished(self, lane: str) -> str:
-        return f"{self.lane_tag(lane)}:finished"
+    def finished(self, lane: str, shard: int = 0) -> str:
+        return f"{self.lane_tag(lane, shard)}:finished"
 
-    def counts(self, lane: str) -> str:
-        return f"{self.lane_tag(lane)}:counts"
+    def counts(self, lane: str, shard: int = 0) -> str:
+        return f"{self.lane_tag(lane, shard)}:counts"
 
-    def request_prefix(self, lane: str) -> str:
-        return f"{self.lane_tag(lane)}:r:"
+    def request_prefix(self, lane: str, shard: int = 0) -> str:
+        return f"{self.lane_tag(lane, shard)}:r:"
 
     def request(self, request_id: str) -> str:
-        return self.request_prefix(lane_of(request_id)) + request_id
+        return self.request_prefix(lane_of(request_id), shard_of(request_id)) + request_id
 
     def notify(self, request_id: str) -> str:
-        return f"{self.lane_tag(lane_of(request_id))}:n:{request_id}"
+        return f"{self.lane_tag(lane_of(request_id), shard_of(request_id))}:n:{request_id}"
 
     def idempotency(self, tenant: str, custom_id: str) -> str:
         """Per tenant, not per lane: the same custom_id in another lane is still a duplicate."""
@@ -98,14 +116,15 @@ class Keys:
     def config(self) -> str:
         return f"{self.ns}:config"
 
-    def dead_letters(self, lane: str, part: DeadLetterPart = "at") -> str:
-        """A lane's dead letters: ``at`` (id by when it was given up on, a sorted set) and
+    def dead_letters(self, lane: str, part: DeadLetterPart = "at", shard: int = 0) -> str:
+        """A lane shard's dead letters: ``at`` (id by when it was given up on, a sorted set) and
         ``entries`` (id -> the entry: lane, when, last error, as JSON)."""
-        key = f"{self.lane_tag(lane)}:dlq"
+        key = f"{self.lane_tag(lane, shard)}:dlq"
         return key if part == "at" else f"{key}:{part}"
 
     def dead_letter_lanes(self) -> str:
-        """The lanes that have had a dead letter: where ``mixbatch dlq list`` looks."""
+        """The lanes (``NAME``, or ``NAME#s`` for shard s > 0) that have had a dead letter: where
+        ``mixbatch dlq list`` looks."""
         return f"{self.ns}:dlq:lanes"
 
     def legacy_dead_letters(self) -> str:
@@ -178,6 +197,18 @@ class Keys:
     def stream_marker(self, stream: str, request_id: str) -> str:
         """Remembers that ``request_id`` is in ``stream``; in the stream's own hash slot."""
         return f"{self.ns}:stream-once:{{{_slot_tag(stream)}}}:{stream}:{request_id}"
+
+    # -- hedges: every key under the one tag ``{hedges}`` -------------------------------------
+
+    def hedges(self, part: HedgePart) -> str:
+        """Hedged requests whose outcome is not judged yet: ``pending`` (id by deadline) and
+        ``from`` (id -> the batch account and model it was hedged from, and when); ``index``,
+        the names of the outcome lists."""
+        return f"{self.ns}:{{hedges}}:{part}"
+
+    def hedge_outcomes(self, name: str) -> str:
+        """Judged hedges of one batch "ACCOUNT|MODEL": ``[at, met]``, newest first, capped."""
+        return f"{self.ns}:{{hedges}}:o:{name}"
 
 
 def _slot_tag(key: str) -> str:

@@ -40,15 +40,31 @@ class Endpoint(StrEnum):
     EMBEDDINGS = "/v1/embeddings"
     RESPONSES = "/v1/responses"
     MESSAGES = "/v1/messages"
+    GENERATE_CONTENT = "/v1beta/models/{model}:generateContent"
+    EMBED_CONTENT = "/v1beta/models/{model}:embedContent"
 
 
 ENDPOINTS = frozenset(e.value for e in Endpoint)
 
 
 class Route(StrEnum):
+    """Where a request runs. ``FLEX`` and ``PRIORITY`` are the synchronous endpoint at the
+    provider's flex tier (batch prices, slower, may shed load) and its priority tier (a premium,
+    opt-in); the ledger counts a request under the tier that actually answered it."""
+
     REALTIME = "realtime"
     BATCH = "batch"
     GPU = "gpu"
+    FLEX = "flex"
+    PRIORITY = "priority"
+
+
+#: The ``service_tier`` a provider is asked for on each synchronous route (None: its default).
+SERVICE_TIER: dict[Route, str | None] = {
+    Route.REALTIME: None,
+    Route.FLEX: "flex",
+    Route.PRIORITY: "priority",
+}
 
 
 LANE_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,31}$")
@@ -97,6 +113,10 @@ class LaneSpec(BaseModel):
     max_queued: int = Field(default=100_000, ge=0)
     on_deadline: Literal["run", "expire"] = "run"
     submit_windows: tuple[str, ...] = ()
+    #: Opt-in: realtime requests of this lane may use a provider's priority tier (a premium).
+    priority_tier: bool = False
+    #: Hash slots the lane spreads over (``routing.keys``); 1 keeps one slot, as before.
+    shards: int = Field(default=1, ge=1, le=64)
 
     @field_validator("name")
     @classmethod
@@ -341,6 +361,9 @@ class StoredResult(BaseModel):
     saved_usd: float | None = None
     estimated_usd: float | None = None
     priced: bool | None = None
+    #: The tier that answered ("flex", "default", "priority", "standard", "batch"): the
+    #: provider's echo when it gives one, else the tier asked for; the price follows it.
+    service_tier: str | None = None
 
     def stored(self) -> dict[str, Any]:
         """The JSON-ready form kept in the request's hash (absent fields left out)."""
@@ -365,6 +388,7 @@ class Result(BaseModel):
     endpoint: str | None = None
     cost_usd: float | None = None
     saved_usd: float | None = None
+    service_tier: str | None = None
     attempts: int = 0
     deadline: float
     created_at: float

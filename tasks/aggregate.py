@@ -66,4 +66,4 @@ def _send(route: str, provider: str, model: str, items: list[Claimed]) -> None:
         if local:
             gpu_batch.apply_async(args=[pairs], **options)
         else:
-            realtime.apply_async(args=[provider, pairs], **options)
+            realtime.apply_async(args=[provider, pairs, route], **options)

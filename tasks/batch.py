@@ -9,9 +9,11 @@ from __future__ import annotations
 
 from config import app
 from config.settings import get_settings
+from routing.decide.cost import failed_cost
 from routing.engine import batch as engine
 from routing.engine.batch_handles import BatchHandles, BatchSettings
-from routing.models import Claimed
+from routing.models import Claimed, Route
+from tasks import runtime
 from tasks.deliver import dispatch
 from tasks.explain import learned_options
 from tasks.runtime import batch_adapter, observations, price, registry, service_config, store
@@ -40,6 +42,9 @@ def handles() -> BatchHandles:
         price=price,
         dispatch=dispatch,
         settings=settings,
+        failed_price=lambda p, model, usage: failed_cost(
+            runtime.prices(), p, model, usage, Route.BATCH
+        ),
     )
 
 

@@ -18,11 +18,11 @@ from config import app
 from config.queues import GPU_QUEUE
 from config.settings import get_settings
 from routing.engine.claims import start_claimed
-from routing.engine.local import report, run_local, warm
+from routing.engine.local import local_requests, report, run_local, warm
 from routing.engine.pricing import price_gpu
 from routing.models import Claimed, Route
 from tasks.deliver import dispatch
-from tasks.runtime import local_models, observations, prices, store
+from tasks.runtime import local_models, observations, prices, service_config, store
 
 if TYPE_CHECKING:
     from gpu_worker.engine import LocalAnswer
@@ -34,17 +34,11 @@ HEARTBEAT_S = 60.0
 
 
 def answer(models: Registry, started: Sequence[Claimed]) -> list[LocalAnswer]:
-    """The local models' answers to started requests, in order."""
+    """The local models' answers to started requests, in order; one whose lane expires late
+    requests is dropped, not run, once its deadline passed (``expire_after``)."""
     from gpu_worker.engine import LocalRequest  # imports torch: only a gpu worker runs this
 
-    return models.run(
-        [
-            LocalRequest(
-                c.id, c.request.endpoint.value, c.request.body, c.request.lane, c.request.deadline
-            )
-            for c in started
-        ]
-    )
+    return models.run(local_requests(started, service_config().lanes, LocalRequest))
 
 
 @signals.worker_ready.connect
@@ -73,8 +67,8 @@ def gpu_batch(items: list[list[str]]) -> dict[str, int]:
     st, s = store(), get_settings()
     started = start_claimed(st, items, route=Route.GPU, lease_s=s.lease_s, now=time.time())
     pricer = partial(price_gpu, prices(), s.route_gpu_usd_per_hour)
-    run = partial(answer, local_models())
-    outcome = run_local(st, started, run, time.time, lease_s=s.lease_s, price=pricer)
+    run, drop = partial(answer, local_models()), local_models().cancel
+    outcome = run_local(st, started, run, time.time, lease_s=s.lease_s, price=pricer, cancel=drop)
     dispatch(outcome.finished)
     report(observations(), local_models())
     return {"done": len(outcome.finished), "requeued": outcome.requeued}

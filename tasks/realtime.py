@@ -1,4 +1,5 @@
-"""``mixbatch.realtime``: call the provider's synchronous endpoint for a chunk of claimed requests."""
+"""``mixbatch.realtime``: call the provider's synchronous endpoint for a chunk of claimed requests,
+at the tier of their route (standard, flex or priority)."""
 
 from __future__ import annotations
 
@@ -14,20 +15,20 @@ from tasks.runtime import adapter, observations, prices, retry_policy, store
 
 
 @app.task(name="mixbatch.realtime", acks_late=True, ignore_result=True)
-def realtime(provider: str, items: list[list[str]]) -> dict[str, int]:
+def realtime(provider: str, items: list[list[str]], route: str = "realtime") -> dict[str, int]:
     """Start each claimed request (refused if its lease was lost), then run them concurrently
     within one budget each, their leases renewed while they run."""
-    s = get_settings()
+    s, tier = get_settings(), Route(route)
     rt = Realtime(
         store=store(),
         adapter=adapter(provider),
         observations=observations(),
         policy=retry_policy(),
         prices=prices(),
+        route=tier,
+        fallback_reserve_s=s.realtime_estimate_s,
     )
-    started = start_claimed(
-        rt.store, items, route=Route.REALTIME, lease_s=s.lease_s, now=time.time()
-    )
+    started = start_claimed(rt.store, items, route=tier, lease_s=s.lease_s, now=time.time())
     finished = run_all(
         rt,
         started,

@@ -32,6 +32,7 @@ from routing.providers import RealtimeAdapter, adapter_for
 from routing.providers.batch import BatchAdapter, batch_adapter_for
 from routing.sinks import SinkContext, get_sink_settings
 from routing.store.batches import BatchRegistry
+from routing.store.hedges import HedgeStore
 from routing.store.lanes import LaneStore
 from routing.store.ledger import Cost
 from routing.store.observations import DecisionStore, ObservationStore
@@ -64,9 +65,7 @@ def _once(name: str, build: Callable[[], T], *, closes: bool = False) -> T:
 def store() -> LaneStore:
     def build() -> LaneStore:
         s = get_settings()
-        return LaneStore.from_url(
-            s.broker_url(), namespace=s.namespace, result_ttl_s=s.result_ttl_s
-        )
+        return LaneStore.from_url(s.store_url(), namespace=s.namespace, result_ttl_s=s.result_ttl_s)
 
     return _once("store", build, closes=True)
 
@@ -100,6 +99,7 @@ def route_settings(settings: Settings) -> dict[str, Any]:
     return {
         "quantile": check_quantile(settings.route_quantile, "MIXBATCH_ROUTE_QUANTILE"),
         "min_samples": settings.route_min_samples,
+        "accounts": settings.route_accounts,
         "half_life_s": settings.route_half_life_s,
         "fast_margin_s": settings.route_fast_margin_s,
         # one flush step, and the poll lag before a finished batch is seen
@@ -148,6 +148,11 @@ def observations() -> ObservationStore:
         )
 
     return _once("observations", build)
+
+
+def hedges() -> HedgeStore:
+    """Hedged requests until judged, and whether their hedges met the deadline."""
+    return _once("hedges", lambda: HedgeStore.of(store(), max_per_key=get_settings().route_obs_max))
 
 
 def decisions() -> DecisionStore:

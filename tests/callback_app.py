@@ -21,8 +21,13 @@ from flask import Flask
 
 from routing.contrib.flask import Mixbatch
 
-app = Celery("e2e-callbacks", broker=os.environ.get("MIXBATCH_REDIS_URL"))
+app = Celery(
+    "e2e-callbacks",
+    broker=os.environ.get("MIXBATCH_BROKER_URL") or os.environ.get("MIXBATCH_REDIS_URL"),
+)
 app.conf.update(task_serializer="json", accept_content=["json"], task_ignore_result=True)
+if os.environ.get("MIXBATCH_BROKER_MASTER_NAME"):  # a sentinel:// broker (tests/test_sentinel.py)
+    app.conf.broker_transport_options = {"master_name": os.environ["MIXBATCH_BROKER_MASTER_NAME"]}
 
 STORE_ANSWER = "e2e.store_answer"
 _client: redis.Redis | None = None

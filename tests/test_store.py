@@ -38,6 +38,7 @@ from routing.models import (
     prepare,
 )
 from routing.states import State, can_transition
+from routing.store import claims as store_claims
 from routing.store import dlq as store_dlq
 from routing.store import lanes as store_lanes
 from routing.store import reads as store_reads
@@ -66,6 +67,17 @@ def submit(store: LaneStore, config: ServiceConfig, now: float, **fields: Any) -
 def claim_one(store: LaneStore, lane: str, now: float, lease_s: float = 60.0) -> Claimed:
     [claimed] = store.claim(lane, 1, lease_s=lease_s, now=now)
     return claimed
+
+
+def walk_deliveries(store: LaneStore, done: str, cancelled: str, now: float) -> None:
+    """Every delivery and dead-letter script, on a finished and a cancelled request."""
+    store.claim_delivery(done, lease_s=5, now=now)
+    store.retry_delivery(done, BOOM, due_at=now)
+    store.delivered(done, now=now)
+    store.dlq.add(cancelled, BOOM, now=now)
+    store.dlq.replay(cancelled, now=now)
+    store.dlq.add(cancelled, BOOM, now=now)
+    store.dlq.drop(cancelled)
 
 
 def state_of(store: LaneStore, request_id: str) -> State:
@@ -1240,14 +1252,8 @@ def test_every_script_touches_one_slot_per_lane(
         )
         store.requeue(c2.id, c2.token, BOOM, now=now)
         store.cancel(c3.id, now=now)
-        store.claim_delivery(c1.id, lease_s=5, now=now)
-        store.retry_delivery(c1.id, BOOM, due_at=now)
-        store.delivered(c1.id, now=now)
-        store.dlq.add(c3.id, BOOM, now=now)
-        store.dlq.replay(c3.id, now=now)
-        store.dlq.add(c3.id, BOOM, now=now)
-        store.dlq.drop(c3.id)
-        store.trim(lane, now)
+        walk_deliveries(store, c1.id, c3.id, now)
+        store.trim(lane, now + store.result_ttl_s + 1)  # past the cutoff: trim.lua has work
         store.renew_many([(c2.id, c2.token)], lease_s=10, now=now)
         entry = {"id": c3.id, "lane": lane, "at": now, "error": BOOM.model_dump()}
         store.redis.hset(store.keys.legacy_dead_letters(), c3.id, json.dumps(entry))
@@ -1279,14 +1285,15 @@ def test_every_script_touches_one_slot_per_lane(
 def test_the_lane_store_runs_only_its_own_scripts(store: LaneStore) -> None:
     """Every script the lane store's code names is in LANE_SCRIPTS (so the test above sees it)."""
     named: set[str] = set()
-    for module in (store_lanes, store_submit, store_reads, store_dlq):
+    for module in (store_lanes, store_submit, store_reads, store_dlq, store_claims):
         named |= set(re.findall(r'scripts\["(\w+)"\]', inspect.getsource(module)))
     assert named == LANE_SCRIPTS
     assert set(store.scripts) >= LANE_SCRIPTS
 
 
 def test_keys_a_script_builds_itself_share_the_lane_slot(store: LaneStore, now: float) -> None:
-    # claim.lua reads request hashes from a prefix passed in ARGV: they must be in the same slot.
+    # Every key of a request and of its lane shard shares the shard's slot (test_sharding.py
+    # checks the shards; tests/test_lua_keys.py checks that scripts touch only their KEYS).
     for lane in (*LANES, "tiny"):
         rid = new_request_id(lane, now)
         k = store.keys
@@ -1457,8 +1464,8 @@ def test_the_submit_scripts_write_nothing_for_a_deadline_that_is_no_number(
     rid = new_request_id("standard", now)
     row = [rid, deadline, "default", "", 3, item.model_dump_json()]
     codes = store.scripts["submit_many"](
-        keys=[k.queue("standard"), k.queue_age("standard"), k.counts("standard")],
-        args=[0, repr(now), State.QUEUED.value, k.request_prefix("standard"), json.dumps([row])],
+        keys=[k.queue("standard"), k.queue_age("standard"), k.counts("standard"), k.request(rid)],
+        args=[0, repr(now), State.QUEUED.value, json.dumps([row])],
     )
     assert codes == [-2]
     keys, args = store.submit_one_call(item, rid, service_config, now)

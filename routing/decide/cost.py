@@ -11,8 +11,18 @@ the usual rule of thumb for English), and the expected output is the request's o
 the provider's ``usage`` and are exact up to the table's prices.
 
 Prices are USD per million tokens. ``batch_discount`` is the fraction taken off on the provider
-batch route (0.5 for OpenAI and Anthropic); it applies to every token class, cache reads
-included, which the providers do not promise (reference §5 marks stacking as unconfirmed).
+batch route (0.5 for OpenAI and Anthropic); ``flex_discount`` the fraction off at the flex tier
+(default: the batch discount, as OpenAI prices flex at batch rates); ``priority_markup`` the
+fraction added at the priority tier. How the batch (and flex) discount meets a cache hit is
+each account's ``cache_stacking`` rule, because providers differ (reference §4b):
+
+* ``stack``: a cached token gets both discounts (Anthropic, Fireworks, OpenAI);
+* ``best``: no stacking, a cached token costs the lower of its cache price and its batch price
+  (Vertex, Groq);
+* ``cached_as_outside``: a cached token inside a batch costs what it costs outside (Gemini API).
+
+``bills_failed_lines`` says whether the provider bills a line or call that failed (none of the
+listed ones does; an expired OpenAI batch's *finished* lines are answers and are billed).
 """
 
 from __future__ import annotations
@@ -21,7 +31,7 @@ import json
 import math
 import re
 from collections.abc import Mapping
-from typing import Any, Final
+from typing import Any, Final, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -34,10 +44,14 @@ __all__ = [
     "PriceTable",
     "TokenUsage",
     "actual_cost",
+    "base_model",
     "estimate_cost",
     "estimate_tokens",
+    "failed_cost",
     "parse_prices",
+    "route_factor",
     "saved_vs_realtime",
+    "usage_of",
     "usage_tokens",
 ]
 
@@ -52,6 +66,24 @@ DEFAULT_OUTPUT_TOKENS: Final = 256
 _TEXT_PARTS: Final = frozenset({"text", "input_text", "output_text"})
 _IMAGE_PARTS: Final = frozenset({"image", "image_url", "input_image"})
 _SNAPSHOT = re.compile(r"-(?:\d{4}-\d{2}-\d{2}|\d{8}|latest)$")
+#: Discounted routes: where ``cache_stacking`` decides what a cache hit costs.
+_DISCOUNTED: Final = frozenset({Route.BATCH, Route.FLEX})
+#: Fields a ``[providers.NAME]`` table may set as the default of each of its models.
+_PROVIDER_DEFAULTS: Final = (
+    "batch_discount",
+    "flex_discount",
+    "priority_markup",
+    "cache_stacking",
+    "bills_failed_lines",
+    "batch_overhead_usd",
+)
+
+CacheStacking = Literal["stack", "best", "cached_as_outside"]
+
+
+def base_model(model: str) -> str:
+    """``model`` without a dated snapshot or ``-latest`` suffix (``gpt-5-mini-2025-08-07``)."""
+    return _SNAPSHOT.sub("", model)
 
 
 class ModelPrice(BaseModel):
@@ -64,6 +96,15 @@ class ModelPrice(BaseModel):
     cached_input_usd_per_mtok: float | None = Field(default=None, ge=0)
     cache_write_usd_per_mtok: float | None = Field(default=None, ge=0)
     batch_discount: float = Field(default=0.0, ge=0, lt=1)
+    #: Fraction off at the flex tier; None: the batch discount (flex at batch rates).
+    flex_discount: float | None = Field(default=None, ge=0, lt=1)
+    #: Fraction added at the priority tier (1.0: double the list price).
+    priority_markup: float = Field(default=0.0, ge=0)
+    cache_stacking: CacheStacking = "stack"
+    bills_failed_lines: bool = False
+    #: What one provider batch costs beyond its tokens (storage, a job fee): the size below
+    #: which a batch does not pay for itself (``routing.decide.flush.batch_pays``).
+    batch_overhead_usd: float = Field(default=0.0, ge=0)
 
 
 class PriceTable(BaseModel):
@@ -85,7 +126,7 @@ class PriceTable(BaseModel):
             return None
         found = models.get(model)
         if found is None:
-            base = _SNAPSHOT.sub("", model)
+            base = base_model(model)
             found = models.get(base) if base != model else None
         return found
 
@@ -128,8 +169,10 @@ def parse_prices(text: str, source: str = "prices.toml") -> PriceTable:
     """
     prices: dict[str, dict[str, ModelPrice]] = {}
     for provider in TableFile(text, source).tables("providers", "providers.NAME"):
-        provider.only(("batch_discount", "models"))
-        default = {"batch_discount": provider.fields.get("batch_discount", 0.0)}
+        provider.only((*_PROVIDER_DEFAULTS, "models"))
+        default: dict[str, Any] = {
+            k: provider.fields[k] for k in _PROVIDER_DEFAULTS if k in provider.fields
+        }
         prices[provider.name] = {
             model.name: model.build(ModelPrice, {**default, **model.fields})
             for model in provider.tables("models")
@@ -227,24 +270,43 @@ def estimate_tokens(endpoint: Endpoint | str, body: Mapping[str, Any]) -> tuple[
     return prompt + _tools_tokens(body), _output_cap(body, "max_tokens")
 
 
-def _route_factor(price: ModelPrice, route: Route) -> float:
-    return 1.0 - price.batch_discount if route == Route.BATCH else 1.0
+def route_factor(price: ModelPrice, route: Route) -> float:
+    """What a route multiplies list prices by: the batch or flex discount, the priority markup."""
+    route = Route(route)
+    if route is Route.BATCH:
+        return 1.0 - price.batch_discount
+    if route is Route.FLEX:
+        off = price.batch_discount if price.flex_discount is None else price.flex_discount
+        return 1.0 - off
+    if route is Route.PRIORITY:
+        return 1.0 + price.priority_markup
+    return 1.0
+
+
+def _cached_rate(price: ModelPrice, route: Route, factor: float) -> float:
+    """USD per million cache hits on ``route``, by the account's ``cache_stacking`` rule."""
+    cached = price.cached_input_usd_per_mtok
+    if cached is None:
+        cached = price.input_usd_per_mtok
+    if route not in _DISCOUNTED or price.cache_stacking == "stack":
+        return cached * factor
+    if price.cache_stacking == "best":
+        return min(cached, price.input_usd_per_mtok * factor)
+    return cached
 
 
 def _usd(price: ModelPrice, usage: TokenUsage, route: Route) -> float:
-    cached = price.cached_input_usd_per_mtok
+    route = Route(route)
+    factor = route_factor(price, route)
     write = price.cache_write_usd_per_mtok
-    if cached is None:
-        cached = price.input_usd_per_mtok
     if write is None:
         write = price.input_usd_per_mtok
     per_mtok = (
         usage.input * price.input_usd_per_mtok
-        + usage.cached_input * cached
         + usage.cache_write * write
         + usage.output * price.output_usd_per_mtok
-    )
-    return per_mtok / 1_000_000 * _route_factor(price, route)
+    ) * factor + usage.cached_input * _cached_rate(price, route, factor)
+    return per_mtok / 1_000_000
 
 
 def _unknown(table: PriceTable, provider: str, model: str) -> str:
@@ -291,14 +353,41 @@ def _int(mapping: object, key: str) -> int:
     return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
 
 
+def usage_of(body: object) -> dict[str, Any] | None:
+    """The usage object of a provider's answer: ``usage`` (OpenAI, Anthropic, Bedrock, Mistral)
+    or Gemini's ``usageMetadata``; None when the answer reports none."""
+    if not isinstance(body, Mapping):
+        return None
+    for key in ("usage", "usageMetadata"):
+        found = body.get(key)
+        if isinstance(found, dict) and found:
+            return found
+    return None
+
+
 def usage_tokens(usage: Mapping[str, Any]) -> TokenUsage:
     """A provider's ``usage`` object as billed token classes, whichever API produced it.
 
-    OpenAI chat and embeddings report ``prompt_tokens``/``completion_tokens``, with cache hits
-    inside ``prompt_tokens``. The Responses API and OpenAI batch objects report
-    ``input_tokens``/``output_tokens``, cache hits again inside. Anthropic reports
-    ``input_tokens`` *without* its cache reads and writes, which come in their own fields.
+    OpenAI chat and embeddings (and Mistral) report ``prompt_tokens``/``completion_tokens``,
+    with cache hits inside ``prompt_tokens``. The Responses API and OpenAI batch objects report
+    ``input_tokens``/``output_tokens``, cache hits again inside. Anthropic (Claude on Bedrock
+    too) reports ``input_tokens`` *without* its cache reads and writes, which come in their own
+    fields; Bedrock's Converse shape spells the same in camelCase (``inputTokens``,
+    ``cacheReadInputTokens``). Gemini's ``usageMetadata`` counts cached content inside
+    ``promptTokenCount`` (tool-use prompts beside it) and bills thinking as output.
     """
+    if "promptTokenCount" in usage or "candidatesTokenCount" in usage:
+        prompt = _int(usage, "promptTokenCount") + _int(usage, "toolUsePromptTokenCount")
+        cached = min(prompt, _int(usage, "cachedContentTokenCount"))
+        output = _int(usage, "candidatesTokenCount") + _int(usage, "thoughtsTokenCount")
+        return TokenUsage(input=prompt - cached, cached_input=cached, output=output)
+    if "inputTokens" in usage or "outputTokens" in usage:
+        return TokenUsage(
+            input=_int(usage, "inputTokens"),
+            cached_input=_int(usage, "cacheReadInputTokens"),
+            cache_write=_int(usage, "cacheWriteInputTokens"),
+            output=_int(usage, "outputTokens"),
+        )
     if "prompt_tokens" in usage:
         prompt = _int(usage, "prompt_tokens")
         cached = min(prompt, _int(usage.get("prompt_tokens_details"), "cached_tokens"))
@@ -328,6 +417,17 @@ def actual_cost(
     """
     price = table.lookup(provider, model)
     if price is None:
+        return 0.0
+    return _usd(price, usage_tokens(usage), route)
+
+
+def failed_cost(
+    table: PriceTable, provider: str, model: str, usage: Mapping[str, Any] | None, route: Route
+) -> float:
+    """USD a failed call or batch line cost: 0 unless the account bills failed work
+    (``bills_failed_lines``) and the provider reported its usage."""
+    price = table.lookup(provider, model)
+    if price is None or not price.bills_failed_lines or not usage:
         return 0.0
     return _usd(price, usage_tokens(usage), route)
 

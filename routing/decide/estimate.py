@@ -10,7 +10,9 @@ request's decision does not say, the quote adds for the file as a whole:
 - a provider batch answers a group (account, endpoint, model) at once: its finish is the
   turnaround estimate at that group's size, plus the flush and poll overhead;
 - realtime runs ``concurrency`` calls at a time per provider and model, so its finish is the
-  latency estimate times the number of such rounds (plus a rate-limit wait already seen);
+  latency estimate times the number of such rounds (plus a rate-limit wait already seen); the
+  flex and priority tiers the same, at their own latency (flex's prior is slow) and price,
+  quoted for the requests whose model has the tier (priority: only where opted in);
 - the local GPU serves one model's texts at its estimated throughput after its queue wait.
 
 Token counts come from the caller: a tokenizer's where one is available, else the estimate of
@@ -36,8 +38,14 @@ from routing.decide.cost import (
     actual_cost,
     estimate_tokens,
 )
-from routing.decide.hedge import batch_margin_s, batch_turnaround_s, local_gpu, realtime_finish
-from routing.decide.options import LOCAL_PROVIDER, RouteOptions, serving_accounts
+from routing.decide.hedge import (
+    batch_margin_s,
+    batch_turnaround_s,
+    local_gpu,
+    realtime_finish,
+    tier_finish,
+)
+from routing.decide.options import LOCAL_PROVIDER, RouteOptions, has_tier, serving_accounts
 from routing.decide.route import choose_route
 from routing.models import Endpoint, Prepared, Route
 
@@ -53,6 +61,10 @@ __all__ = [
     "quote",
 ]
 
+#: The routes quoted, in the order they are listed.
+_QUOTED = (Route.BATCH, Route.GPU, Route.FLEX, Route.REALTIME, Route.PRIORITY)
+#: The routes a provider account serves (the GPU is ours).
+_PROVIDER_ROUTES = (Route.BATCH, Route.FLEX, Route.REALTIME, Route.PRIORITY)
 _TEXT_PARTS = frozenset({"text", "input_text", "output_text"})
 _IMAGE_PARTS = frozenset({"image", "image_url", "input_image"})
 _CAP_KEYS: dict[Endpoint, tuple[str, ...]] = {
@@ -286,11 +298,16 @@ def _batch_finish(options: RouteOptions, tally: _Tally, slack: float) -> tuple[f
 
 
 def _realtime_finish(
-    options: RouteOptions, tally: _Tally, slack: float, concurrency: int
+    options: RouteOptions, tally: _Tally, slack: float, concurrency: int, route: Route
 ) -> tuple[float, bool, str]:
+    """Rounds of ``concurrency`` calls at the route's latency: the standard tier's, or flex's
+    or priority's own (``hedge.tier_finish``)."""
     finish, basis = 0.0, []
     for (account, _, model), n in tally.groups.items():
-        seconds, est, wait = realtime_finish(options, account, model)
+        if route is Route.REALTIME:
+            seconds, est, wait = realtime_finish(options, account, model)
+        else:
+            seconds, est, wait = tier_finish(options, account, model, route)
         rounds = math.ceil(n / concurrency)
         total = (seconds - wait) * rounds + wait
         finish = max(finish, total)
@@ -313,10 +330,15 @@ def _gpu_finish(options: RouteOptions, tally: _Tally, slack: float) -> tuple[flo
 def _cheapest(
     options: RouteOptions, req: Prepared, usage: Mapping[str, int], route: Route
 ) -> tuple[str, float | None]:
-    """The account a route would use for ``req`` (the cheapest priced, else the first)."""
+    """The account a route would use for ``req`` (the cheapest priced, else the first); none
+    ("") where no account offers the route for this model."""
     accounts = serving_accounts(options, req.endpoint.value, req.model)
     if route is Route.BATCH:
         accounts = tuple(a for a in accounts if a in options.batch_turnaround_s)
+    elif route is Route.REALTIME:
+        accounts = tuple(a for a in accounts if a not in options.batch_only)
+    else:
+        accounts = tuple(a for a in accounts if has_tier(options, a, req.model, route, req.lane))
     costs = [(_provider_usd(options, a, req, usage, route), a) for a in accounts]
     priced = [(usd, a) for usd, a in costs if usd is not None]
     if priced:
@@ -334,7 +356,7 @@ def quote(
     realtime_concurrency: int,
 ) -> Quote:
     """The quote of a file: per route its cost and expected finish, and the rule's plan."""
-    tallies: dict[Route, _Tally] = {r: _Tally() for r in (Route.BATCH, Route.GPU, Route.REALTIME)}
+    tallies: dict[Route, _Tally] = {r: _Tally() for r in _QUOTED}
     plan: dict[str, int] = {}
     plan_usd: float | None = 0.0
     warnings: list[str] = []
@@ -346,7 +368,7 @@ def quote(
             cap_sum, capped = cap_sum + cap, capped + 1
         usage = {"input_tokens": count.input_tokens, "output_tokens": expected}
         costs: dict[Route, float | None] = {}
-        for route in (Route.BATCH, Route.REALTIME):
+        for route in _PROVIDER_ROUTES:
             account, usd = _cheapest(options, req, usage, route)
             if not account:
                 continue
@@ -378,7 +400,9 @@ def quote(
         elif route is Route.GPU:
             finish, fits, basis = _gpu_finish(options, tally, slack)
         else:
-            finish, fits, basis = _realtime_finish(options, tally, slack, realtime_concurrency)
+            finish, fits, basis = _realtime_finish(
+                options, tally, slack, realtime_concurrency, route
+            )
         routes[route.value] = RouteQuote(
             requests=tally.requests,
             usd=None if tally.unpriced else tally.usd,

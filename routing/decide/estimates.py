@@ -26,11 +26,17 @@ The rules, and why:
   enough, and reads the quantile of size-normalised turnarounds, so ``Estimate.at_size(n)``
   answers for a batch of ``n`` lines.
 
+* **The whole curve travels with the quantile.** An observed turnaround keeps its Kaplan-Meier
+  curve (``Estimate.curve``, ``Estimate.p_longer``), so the expected-cost batch rule
+  (``routing.decide.expected``) can ask how likely a batch is to be late at any point, not only
+  at the quantile.
+
 Rate-limit headroom, the realtime route's other input, is read in ``routing.decide.ratelimit``.
 """
 
 from __future__ import annotations
 
+import bisect
 import math
 from collections.abc import Sequence
 from typing import Literal, NamedTuple
@@ -57,6 +63,7 @@ __all__ = [
     "gpu_estimate",
     "latency_estimate",
     "recency_weights",
+    "survival_curve",
     "turnaround_estimate",
     "weighted_quantile",
 ]
@@ -149,12 +156,31 @@ class Estimate(BaseModel):
     lower_bound: bool = False
     ref_size: float | None = None
     size_exponent: float = 0.0
+    curve: tuple[tuple[float, float], ...] = Field(default=(), repr=False)
+    """The learned distribution behind ``seconds``: (t, P(T > t)) after each event, size-
+    normalised, for the expected-cost rule (``routing.decide.expected``); empty on a prior."""
+
+    def _scale(self, size: float | None) -> float:
+        if size is None or self.ref_size is None or self.size_exponent == 0.0 or size <= 0:
+            return 1.0
+        return float((size / self.ref_size) ** self.size_exponent)
 
     def at_size(self, size: float | None) -> float:
         """Seconds for a batch of ``size`` lines (the fitted size effect); None: as estimated."""
-        if size is None or self.ref_size is None or self.size_exponent == 0.0 or size <= 0:
-            return self.seconds
-        return self.seconds * (size / self.ref_size) ** self.size_exponent
+        return self.seconds * self._scale(size)
+
+    def p_longer(self, seconds: float, size: float | None = None) -> float | None:
+        """P(turnaround > ``seconds``) for a batch of ``size`` lines; None: no curve (a prior).
+
+        Beyond the last finished batch the curve stays at its last value, so a tail that is all
+        censored (expired, cancelled, still running) keeps counting as late."""
+        if not self.curve:
+            return None
+        t = seconds / self._scale(size)
+        if t < self.curve[0][0]:
+            return 1.0
+        at = bisect.bisect_right(self.curve, (t, math.inf)) - 1
+        return self.curve[at][1]
 
     def describe(self) -> str:
         p = f"p{self.quantile * 100:g}"
@@ -263,6 +289,38 @@ def weighted_quantile(
     return None
 
 
+def survival_curve(
+    values: Sequence[float],
+    weights: Sequence[float],
+    censored: Sequence[bool],
+    points: int = 256,
+) -> tuple[tuple[float, float], ...]:
+    """The weighted Kaplan-Meier curve as (t, P(T > t)) after each event, at most ``points``.
+
+    The same estimator ``weighted_quantile`` reads one point of; thinned (the last point always
+    kept) so that an estimate stays small when it is learned again every minute."""
+    keep = [i for i in range(len(values)) if weights[i] > 0 and values[i] == values[i]]
+    keep.sort(key=lambda i: (values[i], censored[i]))
+    at_risk = math.fsum(weights[i] for i in keep)
+    survival = 1.0
+    out: list[tuple[float, float]] = []
+    for i in keep:
+        if at_risk <= 1e-300:
+            break
+        w = weights[i]
+        if not censored[i]:
+            survival *= max(0.0, 1.0 - w / at_risk)
+            if out and out[-1][0] == values[i]:
+                out[-1] = (values[i], survival)
+            else:
+                out.append((values[i], survival))
+        at_risk -= w
+    if len(out) > points:
+        step = len(out) / points
+        out = [out[int(k * step)] for k in range(points - 1)] + [out[-1]]
+    return tuple(out)
+
+
 def _size_fit(
     obs: Sequence[TurnaroundObs], weights: Sequence[float], min_samples: int
 ) -> tuple[float | None, float]:
@@ -343,6 +401,7 @@ def turnaround_estimate(
         values = [o.seconds for o in everything]
     flags = [o.censored for o in everything]
     value = weighted_quantile(values, weights, rule.quantile, flags)
+    curve = survival_curve(values, weights, flags)
     lower_bound = value is None
     if value is None:
         value = max(values)
@@ -355,6 +414,7 @@ def turnaround_estimate(
         lower_bound=lower_bound,
         ref_size=ref,
         size_exponent=b,
+        curve=curve,
     )
 
 

@@ -17,7 +17,7 @@ from typing import Final
 
 from routing.errors import ConfigError
 
-__all__ = ["FLUSH_REASONS", "check_window", "should_flush", "window_due"]
+__all__ = ["FLUSH_REASONS", "batch_pays", "check_window", "should_flush", "window_due"]
 
 FLUSH_REASONS: Final = ("deadline", "size", "lines", "window", "max_wait", "waiting", "empty")
 """The first word of every ``should_flush`` reason, for metrics and tests."""
@@ -69,6 +69,32 @@ def should_flush(
         )
     slack = "" if tightest_deadline is None else f", {tightest_deadline - now:.0f}s to deadline"
     return False, f"waiting: {group_lines} lines, {group_size_bytes} of {target_bytes} bytes{slack}"
+
+
+def batch_pays(
+    lines: int,
+    *,
+    min_lines: int = 1,
+    saving_usd_per_line: float | None = None,
+    overhead_usd: float = 0.0,
+) -> tuple[bool, str]:
+    """Whether a batch of ``lines`` is worth making, and why not (size-aware batching).
+
+    Below the account's minimum the provider refuses the job (Bedrock's record minimum); below
+    the size where the lines' saving over the next-cheapest route covers the batch's fixed
+    ``overhead_usd`` it costs more than it saves. Either way the group should not wait to fill:
+    its requests go by the next-cheapest route. An unknown saving passes the second test.
+    """
+    if lines < min_lines:
+        return False, f"too small: {lines} lines, below the account's minimum of {min_lines}"
+    if overhead_usd > 0 and saving_usd_per_line is not None:
+        saving = lines * saving_usd_per_line
+        if saving < overhead_usd:
+            return False, (
+                f"too small: {lines} lines save ${saving:.6f}, below the batch's overhead "
+                f"of ${overhead_usd:.6f}"
+            )
+    return True, f"{lines} lines"
 
 
 # -- submit windows: 5-field cron ----------------------------------------------------------------

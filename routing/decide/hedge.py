@@ -15,7 +15,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from routing.decide.estimates import Estimate, GpuEstimate
-from routing.decide.options import RouteOptions, serving_accounts
+from routing.decide.options import RouteOptions, serving_accounts, tier_key
+from routing.models import Route
 
 __all__ = [
     "batch_margin_s",
@@ -24,6 +25,7 @@ __all__ = [
     "local_gpu",
     "realtime_finish",
     "should_hedge",
+    "tier_finish",
 ]
 
 
@@ -67,6 +69,28 @@ def realtime_finish(
         options.realtime_estimates, f"{account}|{model}", f"{account}|*"
     ) or _prior_estimate(options.realtime_estimate_s, options)
     wait = options.realtime_wait_s.get(f"{account}|{model}", 0.0)
+    return est.seconds + wait, est, wait
+
+
+def tier_finish(
+    options: RouteOptions, account: str, model: str, route: Route
+) -> tuple[float, Estimate, float]:
+    """(finish seconds, latency estimate, rate-limit wait) at a flex or priority tier.
+
+    Each tier learns its own latency (observed under ``openai@flex``...). Until it has, flex
+    uses the account's flex prior (slow by design) and priority the standard tier's estimate
+    (it is at least as fast). A tier's own 429s and 498s make its wait, so a shedding flex
+    tier looks slower and loses to the standard one.
+    """
+    name = tier_key(account, route)
+    est = _observed(options.realtime_estimates, f"{name}|{model}", f"{name}|*")
+    if est is None:
+        if route is Route.FLEX:
+            prior = options.flex_latency_s.get(account, options.default_flex_latency_s)
+            est = _prior_estimate(prior, options)
+        else:
+            est = realtime_finish(options, account, model)[1]
+    wait = options.realtime_wait_s.get(f"{name}|{model}", 0.0)
     return est.seconds + wait, est, wait
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from routing.decide.cost import PriceTable
+from routing.decide.cost import PriceTable, base_model
 from routing.decide.estimates import (
     DEFAULT_HALF_LIFE_S,
     DEFAULT_MIN_SAMPLES,
@@ -28,14 +28,16 @@ from routing.decide.estimates import (
     turnaround_estimate,
 )
 from routing.decide.ratelimit import rate_limit_wait_s
-from routing.models import Endpoint
+from routing.models import Endpoint, Route
 
 __all__ = [
     "LOCAL_PROVIDER",
     "PROVIDER_BY_ENDPOINT",
     "RouteOptions",
+    "has_tier",
     "learn",
     "serving_accounts",
+    "tier_key",
 ]
 
 #: Which provider account serves an endpoint when the model names none of its own.
@@ -44,6 +46,8 @@ PROVIDER_BY_ENDPOINT: dict[Endpoint, str] = {
     Endpoint.EMBEDDINGS: "openai",
     Endpoint.RESPONSES: "openai",
     Endpoint.MESSAGES: "anthropic",
+    Endpoint.GENERATE_CONTENT: "gemini",
+    Endpoint.EMBED_CONTENT: "gemini",
 }
 
 #: The provider name of the GPU route (its results, its price-table entries, its group key).
@@ -88,6 +92,26 @@ class RouteOptions(BaseModel):
     gpu_overhead_s: float = Field(default=1.0, ge=0)
     gpu_max_age_s: float = Field(default=900.0, gt=0)
     gpu_usd_per_hour: float = Field(default=1.0, ge=0)
+    #: the expected-cost batch rule (routing.decide.expected): the most P(miss after hedging) a
+    #: batch may carry; P(a hedge misses) until learned, and learned ("account|model" -> p)
+    miss_tolerance: float = Field(default=0.001, ge=0, le=1)
+    hedge_miss_prior: float = Field(default=0.002, ge=0, le=1)
+    hedge_miss_p: dict[str, float] = Field(default_factory=dict)
+    #: account -> models with a flex tier (the providers table's ``flex_models``)
+    flex_models: dict[str, frozenset[str]] = Field(default_factory=dict)
+    #: account -> prior flex latency; learned per "account@flex|model" in ``realtime_estimates``
+    flex_latency_s: dict[str, float] = Field(default_factory=dict)
+    default_flex_latency_s: float = Field(default=600.0, gt=0)
+    #: account -> models with a priority tier; used only where opted in (account or lane)
+    priority_models: dict[str, frozenset[str]] = Field(default_factory=dict)
+    priority_accounts: frozenset[str] = frozenset()
+    priority_lanes: frozenset[str] = frozenset()
+    #: account -> the fewest lines a batch job may have
+    batch_min_lines: dict[str, int] = Field(default_factory=dict)
+    #: accounts with no synchronous endpoint (``realtime = false``): batch candidates only
+    batch_only: frozenset[str] = frozenset()
+    #: "account|endpoint|model" -> lines waiting in that batch group now (size-aware batching)
+    batch_waiting: dict[str, int] = Field(default_factory=dict)
 
     @field_validator("quantile")
     @classmethod
@@ -109,6 +133,32 @@ def serving_accounts(options: RouteOptions, endpoint: str, model: str) -> tuple[
         return given
     serving = tuple(a for a in given if options.prices.lookup(a, model) is not None)
     return serving or given[:1]
+
+
+def tier_key(account: str, route: Route) -> str:
+    """The name a tier's latency is observed under: ``openai`` for the standard tier,
+    ``openai@flex`` and ``openai@priority`` for the others (so each learns its own)."""
+    return account if route is Route.REALTIME else f"{account}@{route.value}"
+
+
+def has_tier(
+    options: RouteOptions, account: str, model: str, route: Route, lane: str | None = None
+) -> bool:
+    """Whether ``route`` (flex or priority) is a candidate for ``model`` at ``account``.
+
+    Flex: wherever the providers table lists the model. Priority: listed, and opted in by the
+    account or by the request's lane (off by default: it costs a premium).
+    """
+    if route is Route.FLEX:
+        listed = options.flex_models.get(account, frozenset())
+    elif route is Route.PRIORITY:
+        opted = account in options.priority_accounts or (
+            lane is not None and lane in options.priority_lanes
+        )
+        listed = options.priority_models.get(account, frozenset()) if opted else frozenset()
+    else:
+        return False
+    return model in listed or base_model(model) in listed
 
 
 def learn(base: RouteOptions, seen: Observations, now: float) -> RouteOptions:

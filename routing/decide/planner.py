@@ -60,7 +60,7 @@ __all__ = [
     "plan_batches",
 ]
 
-BatchProtocol = Literal["openai", "anthropic"]
+BatchProtocol = Literal["openai", "anthropic", "gemini", "bedrock", "mistral"]
 
 MB: Final = 1_000_000
 """Provider limits are read as decimal megabytes: the smaller reading, so a batch never lands in
@@ -101,6 +101,9 @@ body (a 413 past it); models may differ between requests."""
 PROTOCOL_ENDPOINTS: Final[dict[str, frozenset[Endpoint]]] = {
     "openai": frozenset({Endpoint.CHAT, Endpoint.EMBEDDINGS, Endpoint.RESPONSES}),
     "anthropic": frozenset({Endpoint.MESSAGES}),
+    "gemini": frozenset({Endpoint.GENERATE_CONTENT, Endpoint.EMBED_CONTENT}),
+    "bedrock": frozenset({Endpoint.MESSAGES}),
+    "mistral": frozenset({Endpoint.CHAT, Endpoint.EMBEDDINGS}),
 }
 """Endpoints each batch protocol can carry; anything else is a routing mistake, rejected."""
 

@@ -12,32 +12,53 @@ Margins, and why they differ: a provider batch carries the margin of
 ``fast_margin_s``, small, since their tails are seconds. A batch's finish is its turnaround
 estimate plus ``batch_overhead_s`` (one flush step and the poll lag).
 
+Synchronous tiers are routes of their own: **flex** (``service_tier: "flex"``, batch prices,
+slow, may shed load) wherever the providers table lists the model, with its own learned latency
+(a prior until observed), and **priority** (a premium) only where an account or the request's
+lane opts in. Flex is the cheap way to meet a deadline of minutes, which a batch cannot.
+
+Size-aware batching: a batch candidate whose group would be below the account's minimum, or too
+small for its saving to cover the batch's fixed overhead (``routing.decide.flush.batch_pays``),
+does not fit, so the request goes by the next-cheapest route instead of waiting to fill.
+
 Without a price for a candidate the request still routes, on deadline alone, in the design's
-price order (local GPU, provider batch, realtime), and the decision carries a warning naming the
-model. What the choice knows besides the request is ``routing.decide.options.RouteOptions``.
+price order (local GPU, provider batch, flex, realtime, priority), and the decision carries a
+warning naming the model. What the choice knows besides the request is
+``routing.decide.options.RouteOptions``.
 """
 
 from __future__ import annotations
 
 import math
+from collections import Counter
 from collections.abc import Mapping
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from routing.decide.cost import estimate_cost
-from routing.decide.hedge import batch_margin_s, batch_turnaround_s, local_gpu, realtime_finish
+from routing.decide.expected import rerank_batches
+from routing.decide.flush import batch_pays
+from routing.decide.hedge import (
+    batch_margin_s,
+    batch_turnaround_s,
+    local_gpu,
+    realtime_finish,
+    tier_finish,
+)
 from routing.decide.options import (
     LOCAL_PROVIDER,
     PROVIDER_BY_ENDPOINT,
     RouteOptions,
+    has_tier,
     serving_accounts,
 )
-from routing.models import Prepared, Route
+from routing.models import SERVICE_TIER, Prepared, Route
 
 __all__ = [
     "Candidate",
     "Decision",
     "choose_route",
+    "choose_routes",
     "decide",
     "group_key",
     "provider_for",
@@ -45,7 +66,9 @@ __all__ = [
 ]
 
 #: Order of preference when prices are unknown: the design's typical price order.
-_PRICE_ORDER = {Route.GPU: 0, Route.BATCH: 1, Route.REALTIME: 2}
+_PRICE_ORDER = {Route.GPU: 0, Route.BATCH: 1, Route.FLEX: 2, Route.REALTIME: 3, Route.PRIORITY: 4}
+#: The synchronous tiers beside the standard one, in the order candidates are listed.
+_TIERS = (Route.FLEX, Route.PRIORITY)
 
 
 class Candidate(BaseModel):
@@ -104,6 +127,7 @@ def request_costs(
         routes = [Route.REALTIME]
         if account in options.batch_turnaround_s:
             routes.append(Route.BATCH)
+        routes += [t for t in _TIERS if has_tier(options, account, request.model, t, request.lane)]
         for route in routes:
             est = estimate_cost(table, account, request.model, endpoint, request.body, route)
             out[(route, account)] = est.usd if est.known else None
@@ -131,11 +155,15 @@ def decide(
     options: RouteOptions,
     costs: Mapping[tuple[Route, str], float | None] | None = None,
     warnings: list[str] | None = None,
+    lane: str | None = None,
+    pending: int = 1,
 ) -> Decision:
     """The rule itself, over plain data: every candidate, then the cheapest that fits.
 
     ``costs`` maps (route, account) to expected USD (None or absent: unknown). ``choose_route``
     builds it from a request with ``request_costs``; the simulation passes precomputed ones.
+    ``lane`` opts in to a priority tier where that lane does; ``pending`` is how many requests
+    of this claim (this one included) would join the same batch group, for size-aware batching.
     """
     costs = dict(costs or {})
     gpu = local_gpu(options, model)
@@ -185,10 +213,22 @@ def decide(
         finish = math.inf if gpu.stale else gpu.finish_s + overhead
         add(Route.GPU, LOCAL_PROVIDER, finish, fast, spent, gpu.describe())
     for account in accounts:
-        finish, est, wait = realtime_finish(options, account, model)
-        limit = f" + rate-limit wait {wait:.0f}s" if wait else ""
-        spent = f"latency {est.seconds:.1f}s{limit}"
-        add(Route.REALTIME, account, finish, fast, spent, est.describe())
+        if account in options.batch_only and account in options.batch_turnaround_s:
+            continue  # no synchronous endpoint (realtime = false): batch only
+        for route in (Route.FLEX, Route.REALTIME, Route.PRIORITY):
+            if route is Route.REALTIME:
+                finish, est, wait = realtime_finish(options, account, model)
+            elif has_tier(options, account, model, route, lane):
+                finish, est, wait = tier_finish(options, account, model, route)
+            else:
+                continue
+            limit = f" + rate-limit wait {wait:.0f}s" if wait else ""
+            spent = f"latency {est.seconds:.1f}s{limit}"
+            add(route, account, finish, fast, spent, est.describe())
+    candidates = rerank_batches(
+        candidates, options=options, endpoint=endpoint, model=model, slack=slack
+    )
+    candidates = _size_aware(candidates, options, costs, endpoint, model, pending)
     warns = list(warnings or [])
     unknown = [c for c in candidates if c.expected_cost_usd is None]
     by_deadline = not priced or bool(unknown)
@@ -228,11 +268,82 @@ def decide(
     )
 
 
-def choose_route(request: Prepared, now: float, options: RouteOptions | None = None) -> Decision:
-    """The route of one request: ``decide`` over its candidates, priced from its body."""
+def _size_aware(
+    candidates: list[Candidate],
+    options: RouteOptions,
+    costs: Mapping[tuple[Route, str], float | None],
+    endpoint: str,
+    model: str,
+    pending: int,
+) -> list[Candidate]:
+    """``candidates`` with each batch too small to make marked as not fitting, and why."""
+    out = []
+    for c in candidates:
+        small = (
+            ""
+            if c.route is not Route.BATCH
+            else _batch_too_small(options, costs, c.provider, endpoint, model, pending)
+        )
+        out.append(c.model_copy(update={"fits": False, "why": f"{small}; {c.why}"}) if small else c)
+    return out
+
+
+def _batch_too_small(
+    options: RouteOptions,
+    costs: Mapping[tuple[Route, str], float | None],
+    account: str,
+    endpoint: str,
+    model: str,
+    pending: int,
+) -> str:
+    """Why a batch at ``account`` would be too small to make ("" when it is not).
+
+    Its size is what waits in the group now plus ``pending``; its saving per line is the
+    next-cheapest priced route's cost minus the batch's, against the account's batch overhead.
+    """
+    lines = options.batch_waiting.get(f"{account}|{endpoint}|{model}", 0) + max(pending, 1)
+    price = options.prices.lookup(account, model) if options.prices is not None else None
+    batch = costs.get((Route.BATCH, account))
+    others = [
+        usd
+        for (route, provider), usd in costs.items()
+        if usd is not None and route is not Route.BATCH and provider in (account, LOCAL_PROVIDER)
+    ]
+    saving = None if batch is None or not others else min(others) - batch
+    ok, why = batch_pays(
+        lines,
+        min_lines=options.batch_min_lines.get(account, 1),
+        saving_usd_per_line=saving,
+        overhead_usd=price.batch_overhead_usd if price is not None else 0.0,
+    )
+    return "" if ok else why
+
+
+def _tier_warning(request: Prepared, decision: Decision) -> str | None:
+    """A body asking for a tier its model has nowhere: it is routed without it (documented)."""
+    asked = request.body.get("service_tier")
+    tiers = {tier: route for route, tier in SERVICE_TIER.items() if tier}
+    route = tiers.get(asked) if isinstance(asked, str) else None
+    if route is None or any(c.route is route for c in decision.candidates):
+        return None
+    return (
+        f"service_tier {asked!r} asked, but model {request.model!r} has no {asked} tier here "
+        f"(or it is not opted in): sent as {decision.route.value}, the tier the route chose"
+    )
+
+
+def choose_route(
+    request: Prepared, now: float, options: RouteOptions | None = None, *, pending: int = 1
+) -> Decision:
+    """The route of one request: ``decide`` over its candidates, priced from its body.
+
+    A ``service_tier`` in the body is a hint the route replaces: the call is made at the tier
+    of the chosen route (``routing.models.SERVICE_TIER``); one asked for where the model has no
+    such tier is noted in the decision's warnings.
+    """
     options = options or RouteOptions()
     costs, warnings = request_costs(request, options)
-    return decide(
+    decision = decide(
         endpoint=request.endpoint.value,
         model=request.model,
         deadline=request.deadline,
@@ -240,7 +351,25 @@ def choose_route(request: Prepared, now: float, options: RouteOptions | None = N
         options=options,
         costs=costs,
         warnings=warnings,
+        lane=request.lane,
+        pending=pending,
     )
+    note = _tier_warning(request, decision)
+    if note is not None:
+        decision.warnings.append(note)
+    return decision
+
+
+def choose_routes(
+    requests: Mapping[str, Prepared], now: float, options: RouteOptions
+) -> dict[str, Decision]:
+    """The routes of one claim: each request's ``choose_route``, told how many of the claim
+    share its (endpoint, model), the lines its batch group would gain at once."""
+    same = Counter((r.endpoint, r.model) for r in requests.values())
+    return {
+        rid: choose_route(r, now, options, pending=same[(r.endpoint, r.model)])
+        for rid, r in requests.items()
+    }
 
 
 def group_key(request: Prepared, decision: Decision) -> tuple[str, str, str]:

@@ -12,7 +12,7 @@ from collections.abc import Mapping, Sequence
 from typing import TypeVar
 
 from routing.decide.options import RouteOptions
-from routing.decide.route import Decision, choose_route, group_key
+from routing.decide.route import Decision, choose_routes, group_key
 from routing.models import Claimed, LaneSpec
 from routing.store.observations import DecisionStore
 
@@ -27,7 +27,7 @@ def route_claimed(
     claimed: Sequence[Claimed], now: float, options: RouteOptions
 ) -> tuple[dict[str, Decision], dict[GroupKey, list[Claimed]]]:
     """Each request's decision, and the requests grouped by where they go."""
-    chosen = {c.id: choose_route(c.request, now, options) for c in claimed}
+    chosen = choose_routes({c.id: c.request for c in claimed}, now, options)
     groups: dict[GroupKey, list[Claimed]] = defaultdict(list)
     for c in claimed:
         groups[group_key(c.request, chosen[c.id])].append(c)

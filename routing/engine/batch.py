@@ -47,6 +47,7 @@ from routing.models import Claimed, ErrorInfo, Route
 from routing.providers.batch_jobs import BatchStatus
 from routing.states import State
 from routing.store.batches import BatchRecord, GroupInfo, Member, group_id, split_group_id
+from routing.store.hedges import HedgeStore
 
 __all__ = [
     "METADATA_KEY",
@@ -237,7 +238,11 @@ def create(
                 adapter.write_input(planned, lambda rid: holders[rid][0], fh)
             try:
                 job = adapter.create(
-                    path, endpoint=planned.endpoint, model=record.model, metadata=metadata
+                    path,
+                    endpoint=planned.endpoint,
+                    model=record.model,
+                    metadata=metadata,
+                    window=adapter.capabilities.window_for(planned.tightest_deadline - h.clock()),
                 )
             except MixbatchError as exc:
                 _refused(h, record, exc)
@@ -320,7 +325,7 @@ def poll(h: BatchHandles) -> dict[str, int]:
         except MixbatchError as exc:
             log.warning(
                 "batch poll step failed",
-                extra={"step": step.__name__, "name": name, "error": str(exc)},
+                extra={"step": step.__name__, "item": name, "error": str(exc)},
             )
             if step is poll_one:
                 h.registry.schedule_poll(name, h.clock() + h.settings.poll_interval_s)
@@ -421,10 +426,14 @@ def hedge(h: BatchHandles, record: BatchRecord, now: float) -> int:
         retryable=True,
     )
     moved = 0
+    hedged: list[tuple[str, float]] = []  # (id, deadline) sent back to their lanes
     for m in record.requests():
         late = should_hedge(m.deadline, now, options, endpoint=record.endpoint, model=record.model)
-        if late and requeue(h, m.id, m.token, info) is not None:
-            moved += 1
+        state = requeue(h, m.id, m.token, info) if late else None
+        moved += state is not None
+        if state is State.QUEUED:  # judged once it finishes: how often hedges meet deadlines
+            hedged.append((m.id, m.deadline))
+    HedgeStore.of(h.store).hedged(record.provider, record.model, hedged, now)
     return moved
 
 

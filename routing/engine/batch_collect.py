@@ -140,29 +140,41 @@ class _Finishes:
         failed = StoredResult(
             status_code=line.status_code, body=line.body, error=error, provider=record.provider
         )
-        self.add(m, State.FAILED, failed, None, request)
+        billed = self._billed(request, line)
+        if billed is not None:
+            failed = failed.model_copy(update=billed[1].model_dump())
+        self.add(m, State.FAILED, failed, billed, request)
+
+    def _billed(self, request: Prepared | None, line: LineResult) -> tuple[Prepared, Cost] | None:
+        """What a failed line cost: only where the account bills failed lines (its price entry's
+        ``bills_failed_lines``) and the line carries usage; None (nothing billed) otherwise."""
+        usage = (line.body or {}).get("usage")
+        if request is None or not isinstance(usage, dict) or self.h.failed_price is None:
+            return None
+        usd = self.h.failed_price(self.record.provider, request.model, usage)
+        if usd <= 0.0:
+            return None
+        return request, Cost(cost_usd=usd, saved_usd=0.0, estimated_usd=usd, priced=True)
 
     def flush(self, counts: dict[str, int]) -> None:
         if not self.items:
             return
         h = self.h
-        won = h.store.finish_many(self.items, now=h.clock())
+        # no sink to call (the built-in store): DELIVERED in the finish's own script
+        stored_only = [r is not None and r.callback is None for r in self.requests]
+        won = h.store.finish_many(self.items, now=h.clock(), delivered=stored_only)
         to_sink: list[str] = []
-        stored_only: list[str] = []
         ledger: list[tuple[Prepared, Route, Cost]] = []
-        rows = zip(self.items, self.priced, self.requests, won, strict=True)
-        for (rid, _, outcome, _), priced, request, ok in rows:
+        rows = zip(self.items, self.priced, stored_only, won, strict=True)
+        for (rid, _, outcome, _), priced, delivered, ok in rows:
             if not ok:
                 continue
             counts["done" if outcome is State.DONE else "failed"] += 1
-            if request is not None and request.callback is None:
-                stored_only.append(rid)
-            else:
+            if not delivered:
                 to_sink.append(rid)
             if priced is not None:
                 ledger.append((priced[0], Route.BATCH, priced[1]))
         record_many(h.store, ledger)
-        h.store.delivered_many(stored_only, now=h.clock())
         if to_sink:
             h.dispatch(to_sink)
         self.items, self.priced, self.requests = [], [], []

@@ -77,7 +77,7 @@ class BatchHandles:
 
     ``adapter`` gives the batch adapter of a provider account; ``options`` the learned route
     options at a time; ``dispatch`` sends finished requests to delivery; ``clock`` is the only
-    time the steps read.
+    time the steps read; ``failed_price`` what a failed line is billed.
     """
 
     store: LaneStore
@@ -89,6 +89,9 @@ class BatchHandles:
     dispatch: Callable[[list[str]], None]
     settings: BatchSettings
     clock: Callable[[], float] = time.time
+    #: USD a failed line of (provider, model) with this usage is billed: non-zero only where
+    #: the account bills failed lines (``routing.decide.cost.failed_cost``); None bills none.
+    failed_price: Callable[[str, str, Mapping[str, Any]], float] | None = None
 
 
 def batch_caps(adapter: BatchAdapter) -> BatchCaps:

@@ -6,6 +6,13 @@ failure) goes back to its lane, since the same request may well succeed later; a
 is FAILED with the runner's code and message. The micro-batch's leases are renewed while the
 model runs (``routing.engine.claims.Heartbeat``), so a batch slower than the lease is not run twice.
 
+A request that stops being ours while the model runs (cancelled, or requeued by the sweeper) is
+seen at the next lease renewal, and ``cancel`` (the runner's, ``gpu_worker``'s
+``Registry.cancel``) drops it before it reaches the device if it is still waiting there; its
+answer, if any, would be refused by the store anyway. The runner drops a request past its
+``drop_after`` the same way (``expire_after``: the lane's deadline when its policy is
+``expire``); both come back as non-retryable errors, 409 and 408.
+
 Answers are priced from the batch's measured busy time (``routing.engine.pricing.price_gpu``)
 and added to the cost ledger under route ``gpu`` by the call whose finish won, as on the
 other routes.
@@ -13,20 +20,23 @@ other routes.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from routing.decide.options import LOCAL_PROVIDER
 from routing.engine.claims import Heartbeat
 from routing.engine.pricing import GpuPricer
 from routing.faults import fault_point
-from routing.models import Claimed, ErrorInfo, Prepared, Route, StoredResult
+from routing.models import Claimed, ErrorInfo, LaneSpec, Prepared, Route, StoredResult
 from routing.states import State
 from routing.store.lanes import LaneStore
 from routing.store.ledger import Cost, record_many
 from routing.store.observations import ObservationStore
+
+R_co = TypeVar("R_co", covariant=True)
 
 
 class LocalAnswer(Protocol):
@@ -60,6 +70,66 @@ Runner = Callable[[Sequence[Claimed]], Sequence[LocalAnswer]]
 MAX_BATCH_S = 600.0
 
 
+#: Drops requests from the runner before they reach the device (``Registry.cancel``).
+Canceller = Callable[[Sequence[str]], object]
+
+
+class _Watch(Heartbeat):
+    """The heartbeat, telling the runner which requests it lost at each renewal."""
+
+    def __init__(self, *args: Any, cancel: Canceller | None, **kw: Any) -> None:
+        super().__init__(*args, **kw)
+        self.cancel = cancel
+
+    def beat(self) -> int:
+        before = {rid for rid, _ in self._held}
+        kept = super().beat()
+        lost = before - {rid for rid, _ in self._held}
+        if lost and self.cancel is not None:
+            self.cancel(sorted(lost))
+        return kept
+
+
+def expire_after(deadline: float, on_deadline: str) -> float:
+    """When the runner may drop a request: its deadline where its lane expires late requests
+    (``on_deadline = "expire"``); never where the lane runs them anyway (``run``)."""
+    return deadline if on_deadline == "expire" else math.inf
+
+
+class RequestMaker(Protocol[R_co]):
+    """Builds one request for the runner (``gpu_worker.engine.LocalRequest``)."""
+
+    def __call__(
+        self,
+        id: str,
+        endpoint: str,
+        body: Mapping[str, Any],
+        lane: str,
+        deadline: float,
+        *,
+        drop_after: float,
+    ) -> R_co: ...
+
+
+def local_requests(
+    started: Sequence[Claimed], lanes: Sequence[LaneSpec], make: RequestMaker[R_co]
+) -> list[R_co]:
+    """The runner's requests for ``started``, each with its drop time from its lane's deadline
+    policy (``expire_after``), so one nobody wants any more never reaches the device."""
+    policy = {spec.name: spec.on_deadline for spec in lanes}
+    return [
+        make(
+            c.id,
+            c.request.endpoint.value,
+            c.request.body,
+            c.request.lane,
+            c.request.deadline,
+            drop_after=expire_after(c.request.deadline, policy.get(c.request.lane, "run")),
+        )
+        for c in started
+    ]
+
+
 @dataclass(frozen=True)
 class LocalOutcome:
     finished: list[str]
@@ -76,12 +146,15 @@ def run_local(
     max_hold_s: float | None = MAX_BATCH_S,
     price: GpuPricer | None = None,
     busy_clock: Callable[[], float] = time.monotonic,
+    cancel: Canceller | None = None,
 ) -> LocalOutcome:
     """Run ``started`` through the model, leases renewed meanwhile (for at most ``max_hold_s``),
-    then store every outcome in one round trip; ``price`` prices the answers by busy time."""
+    then store every outcome in one round trip; ``price`` prices the answers by busy time;
+    ``cancel`` hears of each request lost meanwhile, to drop it before the device."""
     if not started:
         return LocalOutcome([], 0)
-    with Heartbeat(store, started, lease_s=lease_s, now=now, max_hold_s=max_hold_s):
+    watch = _Watch(store, started, lease_s=lease_s, now=now, max_hold_s=max_hold_s, cancel=cancel)
+    with watch:
         began = busy_clock()
         answers = run(started)
         busy_s = busy_clock() - began

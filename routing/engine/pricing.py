@@ -1,6 +1,9 @@
 """What a finished request cost: the provider's own ``usage`` priced by the price table, or,
 on the GPU route, the device's measured busy time at its hourly price (``price_gpu``).
 
+Every route reads an answer's usage with ``usage_of`` (``usage``, or Gemini's ``usageMetadata``),
+so a provider whose answers spell it differently is priced the same way on every route.
+
 The arithmetic is pure (``routing.decide.cost``); this step picks actual or estimated cost and
 says when a model has no price, so every route prices its answers the same way.
 """
@@ -16,11 +19,14 @@ from routing.decide.cost import (
     actual_cost,
     estimate_cost,
     saved_vs_realtime,
+    usage_of,
     usage_tokens,
 )
 from routing.decide.options import LOCAL_PROVIDER
 from routing.models import Prepared, Route
 from routing.store.ledger import Cost
+
+__all__ = ["GpuPricer", "price", "price_gpu", "usage_of"]
 
 log = logging.getLogger(__name__)
 

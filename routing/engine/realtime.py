@@ -7,7 +7,13 @@ tries share one time budget: each try's timeout is what the wait left. The lease
 requests are renewed by a heartbeat while it runs, so a call slower than the lease is neither
 requeued under the worker (and paid twice) nor charged an attempt. Latency and rate-limit
 headroom are recorded for the route choice. Errors are told apart by type only
-(``routing.errors``): a ``RateLimited`` is a 429 wherever it came from.
+(``routing.errors``): a ``RateLimited`` is a 429 (or Groq's 498) wherever it came from.
+
+The flex and priority routes are this step at another ``service_tier``. A flex call that is
+shed (429, 498) is retried on flex with backoff while the request's slack allows, keeping
+``fallback_reserve_s`` for one standard call; then it goes once more at the standard tier. The
+answer records the tier that answered (the provider's echo of ``service_tier``), and the price
+and the ledger follow it.
 """
 
 from __future__ import annotations
@@ -17,15 +23,17 @@ import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any
 
 from routing.decide.backoff import RetryPolicy, backoff_s
 from routing.decide.cost import PriceTable
+from routing.decide.options import tier_key
 from routing.engine.claims import Heartbeat
 from routing.engine.clock import Clock
-from routing.engine.pricing import price
+from routing.engine.pricing import price, usage_of
 from routing.errors import MixbatchError, ProviderError, RateLimited
 from routing.faults import fault_point
-from routing.models import Claimed, ErrorInfo, Route, StoredResult
+from routing.models import SERVICE_TIER, Claimed, ErrorInfo, Route, StoredResult
 from routing.providers import RealtimeAdapter, call_with_retries
 from routing.providers.base import ProviderResponse
 from routing.states import State
@@ -38,6 +46,10 @@ log = logging.getLogger(__name__)
 
 #: A semaphore slot outlives the call it guards by this much, so a slow exit never frees it early.
 SLOT_SLACK_S = 30.0
+#: The longest a request keeps trying flex (OpenAI's docs raise the client timeout to 900 s).
+FLEX_MAX_S = 900.0
+#: Tries on flex are bounded by the slack, not counted: shedding is expected there.
+FLEX_MAX_TRIES = 1000
 
 
 @dataclass(frozen=True)
@@ -50,6 +62,16 @@ class Realtime:
     policy: RetryPolicy
     prices: PriceTable
     clock: Clock = time
+    #: The route of the requests: the standard tier, flex or priority.
+    route: Route = Route.REALTIME
+    #: Seconds of slack kept for the standard call when flex keeps shedding.
+    fallback_reserve_s: float = 30.0
+
+    def flex_budget_s(self, deadline: float) -> float:
+        """Seconds a flex request may spend on flex: its slack less the standard call's share."""
+        if self.route is not Route.FLEX:
+            return 0.0
+        return max(0.0, min(FLEX_MAX_S, deadline - self.clock.time() - self.fallback_reserve_s))
 
 
 def error_info(exc: MixbatchError) -> ErrorInfo:
@@ -74,8 +96,13 @@ def run_all(
     an outcome, to deliver. No request runs past ``budget_s``, so the renewing stops then."""
     if not started:
         return []
+    flex = max(rt.flex_budget_s(c.request.deadline) for c in started)
     beat = Heartbeat(
-        rt.store, started, lease_s=lease_s, now=rt.clock.time, max_hold_s=budget_s + SLOT_SLACK_S
+        rt.store,
+        started,
+        lease_s=lease_s,
+        now=rt.clock.time,
+        max_hold_s=flex + budget_s + SLOT_SLACK_S,
     )
     with beat, ThreadPoolExecutor(max_workers=min(len(started), concurrency)) as pool:
         outcomes = list(pool.map(lambda c: run_one(rt, c, budget_s), started))
@@ -89,42 +116,113 @@ def run_one(rt: Realtime, claimed: Claimed, budget_s: float) -> State | None:
     ``budget_s`` covers the slot wait and every try together.
     """
     account, req = rt.adapter.account, claimed.request
+    total_s = rt.flex_budget_s(req.deadline) + budget_s
     sem = RedisSemaphore(
         rt.store.redis,
         rt.store.keys.semaphore(account.name, req.model),
         account.max_concurrency,
-        lease_s=budget_s + SLOT_SLACK_S,
+        lease_s=total_s + SLOT_SLACK_S,
     )
     started = rt.clock.monotonic()  # latency as a caller sees it: the slot wait included
     try:
-        with sem.hold(timeout_s=budget_s):
-            resp = call_with_retries(
-                rt.adapter,
-                req.endpoint,
-                req.body,
-                policy=rt.policy,
-                budget_s=max(0.0, started + budget_s - rt.clock.monotonic()),
-                sleep=rt.clock.sleep,
-                clock=rt.clock.monotonic,
-            )
+        with sem.hold(timeout_s=total_s):
+            resp, used = _call(rt, claimed, started, budget_s)
     except MixbatchError as exc:
         return _failed(rt, claimed, exc)
     fault_point("realtime")  # answered, not yet stored: a crash here is a call paid twice
     rt.observations.record_realtime(
-        account.name,
+        tier_key(account.name, used),
         req.model,
         latency_s=rt.clock.monotonic() - started,
         at=rt.clock.time(),
         rate_limit=resp.rate_limit,
     )
-    return _answered(rt, claimed, resp)
+    return _answered(rt, claimed, resp, used)
 
 
-def _answered(rt: Realtime, claimed: Claimed, resp: ProviderResponse) -> State | None:
+def with_tier(body: dict[str, Any], route: Route) -> dict[str, Any]:
+    """``body`` as sent on ``route``: its ``service_tier`` set to the route's tier, or a flex or
+    priority one the producer wrote taken out on the standard route (the route decides)."""
+    tier = SERVICE_TIER.get(route)
+    if tier is not None:
+        return {**body, "service_tier": tier}
+    if body.get("service_tier") in ("flex", "priority"):
+        return {k: v for k, v in body.items() if k != "service_tier"}
+    return body
+
+
+def _call(
+    rt: Realtime, claimed: Claimed, started: float, budget_s: float
+) -> tuple[ProviderResponse, Route]:
+    """The call at the route's tier, and the route that answered: flex while the slack allows
+    (retried with backoff when shed), then the standard tier."""
+    req, route = claimed.request, rt.route
+    flex_s = rt.flex_budget_s(req.deadline)
+    if route is Route.FLEX and flex_s > 0:
+        try:
+            resp = call_with_retries(
+                rt.adapter,
+                req.endpoint,
+                with_tier(req.body, Route.FLEX),
+                policy=rt.policy.model_copy(update={"max_tries": FLEX_MAX_TRIES}),
+                budget_s=flex_s,
+                sleep=rt.clock.sleep,
+                clock=rt.clock.monotonic,
+            )
+            return resp, Route.FLEX
+        except RateLimited as exc:
+            _shed(rt, claimed, exc)
+        started = rt.clock.monotonic()
+    if route is Route.FLEX:
+        route = Route.REALTIME
+    resp = call_with_retries(
+        rt.adapter,
+        req.endpoint,
+        with_tier(req.body, route),
+        policy=rt.policy,
+        budget_s=max(0.0, started + budget_s - rt.clock.monotonic()),
+        sleep=rt.clock.sleep,
+        clock=rt.clock.monotonic,
+    )
+    return resp, route
+
+
+def _shed(rt: Realtime, claimed: Claimed, exc: RateLimited) -> None:
+    """Flex kept shedding until the slack ran short: note it (the route choice sees flex's
+    wait) and fall back to the standard tier."""
+    account, now = rt.adapter.account.name, rt.clock.time()
+    rt.observations.record_realtime(
+        tier_key(account, Route.FLEX),
+        claimed.request.model,
+        latency_s=None,
+        at=now,
+        rate_limit={"retry-after": str(exc.retry_after_s or 0)},
+        limited=True,
+    )
+    log.info(
+        "flex shed; falling back to the standard tier",
+        extra={"request_id": claimed.id, "provider": account, "status_code": exc.status_code},
+    )
+
+
+def answered_tier(body: dict[str, Any], route: Route) -> tuple[str, Route]:
+    """The tier that answered, from the provider's echo (``service_tier``, top level or in
+    Anthropic's ``usage``), and the route it is priced as; without an echo, the tier asked."""
+    usage = body.get("usage")
+    echo = body.get("service_tier")
+    if not isinstance(echo, str) and isinstance(usage, dict):
+        echo = usage.get("service_tier")
+    if not isinstance(echo, str) or not echo:
+        return SERVICE_TIER.get(route) or "default", route
+    priced = {"flex": Route.FLEX, "priority": Route.PRIORITY}.get(echo, Route.REALTIME)
+    return echo, priced
+
+
+def _answered(rt: Realtime, claimed: Claimed, resp: ProviderResponse, route: Route) -> State | None:
     req, provider = claimed.request, rt.adapter.account.name
-    usage = resp.body.get("usage")
-    usage = usage if isinstance(usage, dict) else None
-    cost = price(rt.prices, req, provider, Route.REALTIME, usage)
+    usage = usage_of(resp.body)
+    tier, priced_as = answered_tier(resp.body, route)
+    cost = price(rt.prices, req, provider, priced_as, usage)
     result = StoredResult(
         status_code=resp.status_code,
         body=resp.body,
@@ -132,11 +230,12 @@ def _answered(rt: Realtime, claimed: Claimed, resp: ProviderResponse) -> State |
         provider=provider,
         provider_request_id=resp.provider_request_id,
         latency_s=resp.latency_s,
+        service_tier=tier,
         **cost.model_dump(),
     )
     if not rt.store.finish(claimed.id, claimed.token, State.DONE, result, now=rt.clock.time()):
         return None
-    record(rt.store, req, Route.REALTIME, cost)
+    record(rt.store, req, priced_as, cost)
     return State.DONE
 
 

@@ -13,12 +13,15 @@
 -- ARGV[8] QUEUED  ARGV[9] CLAIMED  ARGV[10] FAILED
 -- ARGV[11] ARGV[12] a retry past max_attempts: its FAILED result (json), split where the number
 --   of attempts goes
--- ARGV[13..] states it may leave
+-- ARGV[13] DELIVERED: an outcome with no sink to call is delivered at once, in this same step
+--   (no outbox entry, no second script); '' otherwise
+-- ARGV[14..] states it may leave
 -- counts (KEYS[8]): the state it left -1, the new state +1; an outcome 'route:<route>:<outcome>'
 --   +1 ('none' before any route) and, when finished by its lease holder or the sweeper after its
---   deadline, 'deadline_misses' +1; a retry 'retries_total' +1
--- returns {1, from_state, new_state} moved, {0, state} left alone (not ours, or not in a state
---   of ARGV[13..]), {} no such request
+--   deadline, 'deadline_misses' +1; a retry 'retries_total' +1; delivered at once: the outcome
+--   -1 and DELIVERED +1 as well
+-- returns {1, from_state, new_state} moved (new_state the outcome even when delivered at once),
+--   {0, state} left alone (not ours, or not in a state of ARGV[14..]), {} no such request
 local id, who, now = ARGV[1], ARGV[2], tonumber(ARGV[5])
 local state = redis.call('HGET', KEYS[1], 'state')
 if not state then return {} end
@@ -37,7 +40,7 @@ elseif who ~= '' and redis.call('HGET', KEYS[1], 'lease_token') ~= who then
   return {0, state}
 end
 local allowed = false
-for i = 13, #ARGV do if ARGV[i] == state then allowed = true end end
+for i = 14, #ARGV do if ARGV[i] == state then allowed = true end end
 if not allowed then return {0, state} end
 
 local function leave(to)
@@ -50,7 +53,13 @@ local function finish(outcome, result)
   leave(outcome)
   redis.call('HSET', KEYS[1], 'state', outcome, 'outcome', outcome, 'result', result,
     'finished_at', ARGV[5], 'updated_at', ARGV[5], 'lease_token', '', 'lease_until', 0)
-  redis.call('ZADD', KEYS[6], ARGV[5], id)
+  if ARGV[13] ~= '' then
+    redis.call('HSET', KEYS[1], 'state', ARGV[13], 'delivered_at', ARGV[5])
+    redis.call('HINCRBY', KEYS[8], outcome, -1)
+    redis.call('HINCRBY', KEYS[8], ARGV[13], 1)
+  else
+    redis.call('ZADD', KEYS[6], ARGV[5], id)
+  end
   redis.call('ZADD', KEYS[7], ARGV[5], id)
   local route = redis.call('HGET', KEYS[1], 'route')
   if not route or route == '' then route = 'none' end

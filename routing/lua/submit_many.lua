@@ -1,14 +1,14 @@
--- submit_many: create many requests of ONE lane in one step (one fsync, one reply).
--- KEYS[1] q  KEYS[2] qage  KEYS[3] counts
--- ARGV[1] max_queued (0 = no cap)  ARGV[2] now  ARGV[3] QUEUED  ARGV[4] request key prefix
--- ARGV[5] JSON array of [id, deadline, tenant, custom_id, max_attempts, data (json text)]
+-- submit_many: create many requests of ONE lane shard in one step (one fsync, one reply).
+-- KEYS[1] q  KEYS[2] qage  KEYS[3] counts  KEYS[3 + i] the request hash of row i
+-- ARGV[1] max_queued (0 = no cap)  ARGV[2] now  ARGV[3] QUEUED
+-- ARGV[4] JSON array of [id, deadline, tenant, custom_id, max_attempts, data (json text)]
 -- (one argument for the whole chunk: packing thousands of small arguments costs the client
--- more than the script itself). Request hashes are built from the prefix: same lane slot.
+-- more than the script itself).
 -- returns one code per request: 1 created, 0 already there, -1 lane full, -2 its deadline or
 --   max_attempts is not a finite number (nothing written for it: Redis cannot order it)
 local cap = tonumber(ARGV[1])
 local depth = redis.call('ZCARD', KEYS[1])
-local rows = cjson.decode(ARGV[5])
+local rows = cjson.decode(ARGV[4])
 local out = {}
 local created = 0
 local function sound(r)
@@ -17,7 +17,7 @@ local function sound(r)
     and attempts and attempts == math.floor(attempts) and attempts >= 1
 end
 for i, r in ipairs(rows) do
-  local key = ARGV[4] .. r[1]
+  local key = KEYS[3 + i]
   if not sound(r) then
     out[i] = -2
   elseif redis.call('EXISTS', key) == 1 then

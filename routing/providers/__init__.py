@@ -31,6 +31,7 @@ from routing.providers.capabilities import (
     load_providers,
     parse_providers,
 )
+from routing.providers.gemini import GeminiAdapter
 from routing.providers.openai import OpenAIAdapter
 from routing.providers.openai_batch import OpenAIBatchAdapter
 
@@ -42,6 +43,7 @@ __all__ = [
     "BatchAdapter",
     "BatchJob",
     "BatchStatus",
+    "GeminiAdapter",
     "LineError",
     "LineResult",
     "OpenAIAdapter",
@@ -62,6 +64,7 @@ __all__ = [
 ADAPTERS: dict[str, type[RealtimeAdapter]] = {
     OpenAIAdapter.kind: OpenAIAdapter,
     AnthropicAdapter.kind: AnthropicAdapter,
+    GeminiAdapter.kind: GeminiAdapter,
 }
 
 

@@ -7,7 +7,7 @@ batch adapters in ``routing.providers.batch`` share both, and the ``retry_call``
     httpx.TimeoutException            -> ProviderTimeout   (retryable)
     httpx.NetworkError, RemoteProtocolError -> ProviderError (retryable)
     other httpx.TransportError        -> ProviderError     (not retryable: our bug, not theirs)
-    HTTP 429                          -> RateLimited       (retryable, retry_after_s)
+    HTTP 429, 498 (Groq flex shed)    -> RateLimited       (retryable, retry_after_s)
     HTTP 408, 409, 5xx                -> ProviderError     (retryable)
     other HTTP 4xx                    -> ProviderError     (not retryable, the provider's message)
 
@@ -55,7 +55,9 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-RETRYABLE_STATUSES = frozenset({408, 409, 429})
+RETRYABLE_STATUSES = frozenset({408, 409, 429, 498})
+#: Load shed: 429, and Groq flex's 498 ``capacity_exceeded``; both are ``RateLimited``.
+RATE_LIMITED_STATUSES = frozenset({429, 498})
 RATE_LIMIT_PREFIXES = ("x-ratelimit-", "anthropic-ratelimit-")
 RATE_LIMIT_NAMES = frozenset({"retry-after", "retry-after-ms"})
 _MAX_MESSAGE_CHARS = 500
@@ -74,7 +76,7 @@ class ProviderAccount(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     name: str = Field(min_length=1)
-    kind: Literal["openai", "anthropic"]
+    kind: Literal["openai", "anthropic", "gemini", "bedrock", "mistral"]
     base_url: str = Field(min_length=1)
     api_key: SecretStr | None = None
     timeout_s: float = Field(default=60.0, gt=0)
@@ -173,7 +175,7 @@ def error_for_response(
     should_retry = response.headers.get("x-should-retry", "").strip().lower()
     if should_retry in ("true", "false"):
         retryable = should_retry == "true"
-    if status == 429:
+    if status in RATE_LIMITED_STATUSES:
         return RateLimited(
             text,
             status_code=status,
@@ -323,12 +325,16 @@ class RealtimeAdapter(AccountClient):
         """The path appended to ``account.base_url`` for ``endpoint``."""
         ...
 
+    def wire(self, endpoint: Endpoint, body: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+        """The path and body sent for ``body``; Gemini moves the model into the path."""
+        return self.path_for(endpoint), body
+
     def call(
         self, endpoint: Endpoint | str, body: dict[str, Any], *, timeout_s: float | None = None
     ) -> ProviderResponse:
         """POST ``body`` once to ``endpoint``; a 2xx JSON object comes back, anything else raises."""
         target = self.resolve_endpoint(endpoint)
-        path = self.path_for(target)
+        path, body = self.wire(target, body)
         url = self.account.base_url + path
         timeout = self.account.timeout_s if timeout_s is None else timeout_s
         headers = {"accept": "application/json", **self.auth_headers()}

@@ -29,6 +29,7 @@ from typing import Any, BinaryIO, ClassVar
 
 from routing.decide.planner import PlannedBatch, body_bytes, line_frame
 from routing.errors import ConfigError, InvalidRequest, MalformedInput, ProviderError
+from routing.jsonl import loads
 from routing.models import Endpoint, Prepared
 from routing.providers.base import ProviderAccount
 from routing.providers.batch_http import BatchTransport
@@ -241,7 +242,7 @@ class BatchAdapter(BatchTransport):
         for path in self._result_paths(job):
             for number, text in self._stream_lines(path):
                 try:
-                    obj = json.loads(text)
+                    obj = loads(text)
                 except ValueError:
                     obj = None
                 result = self._line_result(obj) if isinstance(obj, dict) else None
@@ -362,11 +363,17 @@ class BatchAdapter(BatchTransport):
 def batch_adapter_class(protocol: str) -> type[BatchAdapter]:
     """The adapter class that speaks ``protocol``; its ``write_input`` writes that protocol's file."""
     from routing.providers.anthropic_batch import AnthropicBatchAdapter
+    from routing.providers.bedrock_batch import BedrockBatchAdapter
+    from routing.providers.gemini_batch import GeminiBatchAdapter
+    from routing.providers.mistral_batch import MistralBatchAdapter
     from routing.providers.openai_batch import OpenAIBatchAdapter
 
     adapters: dict[str, type[BatchAdapter]] = {
         OpenAIBatchAdapter.kind: OpenAIBatchAdapter,
         AnthropicBatchAdapter.kind: AnthropicBatchAdapter,
+        GeminiBatchAdapter.kind: GeminiBatchAdapter,
+        BedrockBatchAdapter.kind: BedrockBatchAdapter,
+        MistralBatchAdapter.kind: MistralBatchAdapter,
     }
     try:
         return adapters[protocol]

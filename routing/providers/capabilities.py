@@ -33,6 +33,7 @@ from pydantic import (
     model_validator,
 )
 
+from routing.decide.cost import base_model
 from routing.decide.tables import Table, TableFile, first_error
 from routing.errors import ConfigError, ProviderError
 from routing.models import parse_duration_s
@@ -43,9 +44,10 @@ __all__ = [
     "account_for",
     "load_providers",
     "parse_providers",
+    "tier_options",
 ]
 
-_DURATION_FIELDS = ("result_retention", "expected_turnaround")
+_DURATION_FIELDS = ("result_retention", "expected_turnaround", "flex_latency")
 _ENV_NAME = re.compile(r"^[A-Z_][A-Z0-9_]*$")
 
 
@@ -61,7 +63,7 @@ class ProviderCapabilities(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     name: str = Field(min_length=1, pattern=r"^[a-z0-9][a-z0-9_-]*$")
-    protocol: Literal["openai", "anthropic"]
+    protocol: Literal["openai", "anthropic", "gemini", "bedrock", "mistral"]
     base_url: str = Field(min_length=1)
     api_key_env: str = Field(min_length=1)
     base_url_env: str | None = None
@@ -79,6 +81,23 @@ class ProviderCapabilities(BaseModel):
     models: tuple[str, ...] | None = None
     file_purpose: str = Field(default="batch", min_length=1)
     timeout_s: float = Field(default=60.0, gt=0)
+    #: Models with a flex tier (``service_tier: "flex"``): batch prices, slower, may shed load.
+    flex_models: tuple[str, ...] = ()
+    #: Prior for a flex call's latency, until observed values replace it.
+    flex_latency_s: float = Field(default=600.0, gt=0)
+    #: Models with a priority tier, and whether the account opts in for every lane (off: only
+    #: lanes with ``priority_tier = true`` use it).
+    priority_models: tuple[str, ...] = ()
+    priority: bool = False
+    #: Bedrock: where input and output JSONL live, the role Bedrock assumes to read them, the
+    #: region, an S3 endpoint (for a loopback S3 such as the sandbox's), and the fewest records
+    #: a job takes (below it the job is not created: the requests go another way).
+    region: str | None = None
+    s3_bucket: str | None = None
+    s3_prefix: str = "mixbatch/"
+    s3_url: str | None = None
+    role_arn: str | None = None
+    min_records: int = Field(default=1, ge=1)
 
     @model_validator(mode="before")
     @classmethod
@@ -134,6 +153,13 @@ class ProviderCapabilities(BaseModel):
         """Seconds of ``window`` (default: the first listed), refusing one the account lacks."""
         return parse_duration_s(self.window(window))
 
+    def window_for(self, slack_s: float) -> str:
+        """The longest window that ends within ``slack_s`` (to a batch's tightest deadline),
+        else the default: a longer window expires less (Groq ``7d``, Mistral ``timeout_hours``,
+        Bedrock ``timeoutDurationInHours``)."""
+        fitting = [w for w in self.windows if parse_duration_s(w) <= slack_s]
+        return max(fitting, key=parse_duration_s) if fitting else self.windows[0]
+
     def window(self, window: str | None = None) -> str:
         if window is None:
             return self.windows[0]
@@ -144,6 +170,12 @@ class ProviderCapabilities(BaseModel):
                 retryable=False,
             )
         return window
+
+    def has_flex(self, model: str) -> bool:
+        return _listed(self.flex_models, model)
+
+    def has_priority(self, model: str) -> bool:
+        return _listed(self.priority_models, model)
 
     def serves(self, model: str) -> bool:
         return self.models is None or model in self.models
@@ -167,6 +199,29 @@ class ProviderCapabilities(BaseModel):
             )
 
 
+def _listed(models: tuple[str, ...], model: str) -> bool:
+    """``model`` (or its base name, without a dated snapshot) is in ``models``."""
+    return model in models or base_model(model) in models
+
+
+def tier_options(
+    table: Mapping[str, ProviderCapabilities], accounts: tuple[str, ...] | None = None
+) -> dict[str, Any]:
+    """The ``RouteOptions`` fields the providers table sets: flex and priority models, the flex
+    latency prior, who opted in to priority, batch minimums. ``accounts``: only those in use."""
+    used = {n: c for n, c in table.items() if accounts is None or n in accounts}
+    return {
+        "flex_models": {n: frozenset(c.flex_models) for n, c in used.items() if c.flex_models},
+        "flex_latency_s": {n: c.flex_latency_s for n, c in used.items()},
+        "priority_models": {
+            n: frozenset(c.priority_models) for n, c in used.items() if c.priority_models
+        },
+        "priority_accounts": frozenset(n for n, c in used.items() if c.priority),
+        "batch_min_lines": {n: c.min_records for n, c in used.items() if c.min_records > 1},
+        "batch_only": frozenset(n for n, c in used.items() if not c.realtime),
+    }
+
+
 def _fields(table: Table) -> dict[str, Any]:
     """TOML spellings to model fields: ``result_retention = "30d"`` becomes ``result_retention_s``."""
     fields = {**table.fields, "name": table.name}
@@ -178,7 +233,7 @@ def _fields(table: Table) -> dict[str, Any]:
                 fields[f"{name}_s"] = parse_duration_s(fields.pop(name))
             except (ValueError, TypeError) as exc:
                 raise table.error(str(exc), name) from None
-    for name in ("windows", "models"):
+    for name in ("windows", "models", "flex_models", "priority_models"):
         if isinstance(fields.get(name), list):
             fields[name] = tuple(fields[name])
     return fields

@@ -22,6 +22,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from routing.decide.cost import base_model
 from routing.sandbox import answers
 from routing.sandbox.knobs import Knobs
 from routing.sandbox.state import TIMEOUT, BadSandboxHeader, SandboxState
@@ -203,9 +204,48 @@ def answer_handler(endpoint: str) -> Handler:
         except answers.InvalidBody as exc:
             raise ApiError(400, exc.message, param=exc.field) from exc
         await call.apply_faults(body)
-        return answers.respond(endpoint, body)
+        tier = await _service_tier(call, endpoint, body)
+        answer = answers.respond(endpoint, body)
+        if tier is not None:
+            answer["service_tier"] = tier
+        return answer
 
     return handle
+
+
+async def _service_tier(call: Call, endpoint: str, body: dict[str, Any]) -> str | None:
+    """The tier an OpenAI-shaped call is served at, as OpenAI echoes it (None: not echoed).
+
+    Flex is slower (``flex_latency_ms``), sheds load (``flex_rate_429``, Groq's
+    ``flex_rate_498``) and is refused with a 400 for a model outside ``flex_models``.
+    """
+    if endpoint not in (answers.CHAT_COMPLETIONS, answers.RESPONSES):
+        return None
+    asked = body.get("service_tier") or "default"
+    if asked != "flex":
+        return "default" if asked == "auto" else str(asked)
+    knobs = call.state.knobs
+    model = str(body.get("model", ""))
+    if model not in knobs.flex_models and base_model(model) not in knobs.flex_models:
+        raise ApiError(
+            400, f"Flex processing is not available for model {model!r}.", param="service_tier"
+        )
+    await call.state.pause(knobs.flex_latency_ms / 1000)
+    shed = call.state.choose_flex_shed()
+    if shed == "429":
+        raise ApiError(
+            429,
+            "Resource Unavailable: flex capacity is short (injected by the mixbatch sandbox).",
+            code="resource_unavailable",
+            headers={"retry-after": _format_seconds(knobs.retry_after_s)},
+        )
+    if shed == "498":
+        raise ApiError(
+            498,
+            "capacity_exceeded: flex tier at capacity (injected by the mixbatch sandbox).",
+            code="capacity_exceeded",
+        )
+    return "flex"
 
 
 def sync_routes() -> list[BaseRoute]:
@@ -258,8 +298,9 @@ def default_routes() -> list[BaseRoute]:
     the routes are built, rather than at the top where it would import this module half-done.
     """
     from routing.sandbox.batch import batch_routes
+    from routing.sandbox.batch_native import native_routes
 
-    return [*admin_routes(), *sync_routes(), *batch_routes()]
+    return [*admin_routes(), *sync_routes(), *batch_routes(), *native_routes()]
 
 
 class SandboxLabelMiddleware:

@@ -6,7 +6,14 @@ without importing starlette or uvicorn.
 
 from __future__ import annotations
 
+from typing import Any
+
 from pydantic import BaseModel, ConfigDict, Field
+
+
+def _probability(description: str) -> Any:
+    """A knob that is a probability, 0 (never, the default) to 1 (every time)."""
+    return Field(default=0.0, ge=0.0, le=1.0, description=description)
 
 
 class Knobs(BaseModel):
@@ -50,11 +57,8 @@ class Knobs(BaseModel):
     batch_cancelling_s: float = Field(
         default=0.2, ge=0.0, description="sandbox seconds a batch spends cancelling"
     )
-    batch_line_fail_rate: float = Field(
-        default=0.0,
-        ge=0.0,
-        le=1.0,
-        description="share of batch lines that fail: half 400 (permanent), half 500 (transient)",
+    batch_line_fail_rate: float = _probability(
+        "share of batch lines that fail: half 400 (permanent), half 500 (transient)"
     )
     batch_expire: bool = Field(
         default=False, description="batches expire at 24 h sandbox time instead of finishing"
@@ -65,9 +69,32 @@ class Knobs(BaseModel):
     batch_stuck_finalizing: bool = Field(
         default=False, description="batches reach finalizing (Anthropic: all done) and stay there"
     )
-    batch_rate_429: float = Field(
-        default=0.0,
-        ge=0.0,
-        le=1.0,
-        description="probability of a 429 on batch create and file upload",
+    batch_rate_429: float = _probability("probability of a 429 on batch create and file upload")
+    flex_latency_ms: int = Field(
+        default=0, ge=0, description='extra delay of a call with service_tier "flex"'
+    )
+    flex_rate_429: float = _probability(
+        'probability a flex call is shed with 429 "Resource Unavailable" (OpenAI)'
+    )
+    flex_rate_498: float = _probability(
+        "probability a flex call is shed with 498 capacity_exceeded (Groq)"
+    )
+    flex_models: list[str] = Field(
+        default_factory=lambda: ["gpt-5", "gpt-5-mini", "gpt-5-nano", "o3", "o4-mini"],
+        description='models that take service_tier "flex"; others answer 400, as OpenAI does',
+    )
+    gemini_stuck_pending: bool = Field(
+        default=False,
+        description="Gemini batches stay pending, then expire at 48 h sandbox time with no results",
+    )
+    bedrock_min_records: int = Field(
+        default=100, ge=1, description="fewest records a Bedrock batch job accepts"
+    )
+    bedrock_expire: bool = Field(
+        default=False,
+        description="Bedrock jobs stay Scheduled and end Expired at timeoutDurationInHours",
+    )
+    mistral_timeout: bool = Field(
+        default=False,
+        description="Mistral jobs end TIMEOUT_EXCEEDED, batch_expire_done_fraction of lines run",
     )

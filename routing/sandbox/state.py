@@ -137,6 +137,22 @@ class SandboxState:
                 self._faults[chosen] += 1
         return chosen
 
+    def choose_flex_shed(self) -> str | None:
+        """Whether this flex call is shed: "429" (OpenAI), "498" (Groq) or None to answer it."""
+        with self._lock:
+            draw = self._draw()
+            knobs = self.knobs
+            shed = (
+                "429"
+                if draw < knobs.flex_rate_429
+                else "498"
+                if draw < knobs.flex_rate_429 + knobs.flex_rate_498
+                else None
+            )
+            if shed is not None:
+                self._faults[f"flex_{shed}"] += 1
+        return shed
+
     def choose_batch_429(self) -> bool:
         """Whether this batch create or file upload gets a 429 (knob ``batch_rate_429``)."""
         with self._lock:

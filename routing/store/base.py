@@ -8,15 +8,15 @@ from __future__ import annotations
 
 import contextlib
 import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 from urllib.parse import parse_qsl, urlencode
 
 import redis
 
 from routing.errors import ConfigError, StoreUnavailable
-from routing.keys import Keys, lane_of
-from routing.models import ErrorInfo, StoredResult
+from routing.keys import Keys, lane_of, shard_of
+from routing.models import ErrorInfo, LaneSpec, ServiceConfig, StoredResult
 from routing.states import LEASED, State
 from routing.store.scripts import Scripts
 
@@ -132,20 +132,39 @@ class StoreBase:
     result_ttl_s: int
     cluster: bool
     scripts: Scripts
+    #: Shards per lane, learned from every lanes table this store is handed (a submit's, a
+    #: claim's, the published config); ``_published_read`` once the published one was read.
+    lane_shards: dict[str, int]
+    _published_read: bool
+
+    def learn_lanes(self, lanes: Iterable[LaneSpec]) -> None:
+        self.lane_shards.update((spec.name, spec.shards) for spec in lanes)
+
+    def shards(self, lane: str) -> range:
+        """The shards of ``lane``. A lane this store was never told about is looked up once in
+        the published config (``mixbatch up`` and every worker publish it); unknown there too,
+        it has one shard: exactly the keys of a lane before sharding."""
+        if lane not in self.lane_shards and not self._published_read:
+            self._published_read = True
+            with store_errors(self.url):
+                raw = self.redis.get(self.keys.config())
+            if raw is not None:
+                self.learn_lanes(ServiceConfig.model_validate_json(raw).lanes)
+        return range(self.lane_shards.get(lane, 1))
 
     def request_keys(self, request_id: str) -> dict[str, str]:
-        """Every key a script about one request may touch; all in its lane's slot."""
-        lane = lane_of(request_id)
+        """Every key a script about one request may touch; all in its lane shard's slot."""
+        lane, shard = lane_of(request_id), shard_of(request_id)
         k = self.keys
         return {
             "req": k.request(request_id),
-            "q": k.queue(lane),
-            "qage": k.queue_age(lane),
-            "delayed": k.delayed(lane),
-            "leases": k.leases(lane),
-            "outbox": k.outbox(lane),
-            "finished": k.finished(lane),
-            "counts": k.counts(lane),
+            "q": k.queue(lane, shard),
+            "qage": k.queue_age(lane, shard),
+            "delayed": k.delayed(lane, shard),
+            "leases": k.leases(lane, shard),
+            "outbox": k.outbox(lane, shard),
+            "finished": k.finished(lane, shard),
+            "counts": k.counts(lane, shard),
             "notify": k.notify(request_id),
         }
 
@@ -160,6 +179,7 @@ class StoreBase:
         *,
         ready_at: float | None = None,
         gave_up: tuple[str, str] = ("", ""),
+        delivered: bool = False,
     ) -> tuple[list[str], list[Any]]:
         """``settle.lua``'s KEYS and ARGV: the one script by which a request finishes (``to`` an
         outcome) or goes back to its lane (``to`` QUEUED). Pure, so every client (the sync store,
@@ -179,6 +199,7 @@ class StoreBase:
             State.CLAIMED.value,
             State.FAILED.value,
             *gave_up,
+            State.DELIVERED.value if delivered else "",
             *[s.value for s in from_states],
         ]
         return keys, args

@@ -58,7 +58,7 @@ class Member(BaseModel):
 class BatchRecord(BaseModel):
     key: str
     provider: str
-    protocol: Literal["openai", "anthropic"]
+    protocol: Literal["openai", "anthropic", "gemini", "bedrock", "mistral"]
     endpoint: str
     model: str
     state: BatchState = "intent"

@@ -1,12 +1,12 @@
 """The dead letters: deliveries given up on, each with its last error, until replayed or dropped.
 
-Each lane keeps its own, in its own slot (``Keys.dead_letters``: id by when it was filed, and
-``Keys.dead_letters(lane, "entries")``: id -> entry), so filing, replaying and dropping are each one
+Each lane shard keeps its own, in its own slot (``Keys.dead_letters``: id by when it was filed,
+and ``Keys.dead_letters(lane, "entries")``: id -> entry), so filing, replaying and dropping are each one
 script beside the request itself: a dead letter is never half filed, and the lane's
 ``dead_letters`` count is always the number listed. A dead letter is kept while its result is:
 the sweeper's ``trim`` forgets those filed more than ``result_ttl_s`` ago, whose result (the one
-thing a replay could send) has expired with them. A small set of lane names
-(``Keys.dead_letter_lanes``) says where ``entries`` looks.
+thing a replay could send) has expired with them. A small set of lane names (``NAME#s`` for a
+shard s > 0, ``Keys.dead_letter_lanes``) says where ``entries`` looks.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import json
 import time
 from typing import Any, TypedDict
 
-from routing.keys import lane_of
+from routing.keys import lane_of, shard_of
 from routing.models import ErrorInfo
 from routing.store.base import StoreBase, decode, dumps, store_errors
 
@@ -38,14 +38,14 @@ class DeadLetters:
         self.store = store
 
     def _keys(self, request_id: str) -> tuple[str, str, str, str]:
-        """The request's hash, its lane's counts, dead letters and entries: one slot."""
-        lane = lane_of(request_id)
+        """The request's hash, its lane shard's counts, dead letters and entries: one slot."""
+        lane, shard = lane_of(request_id), shard_of(request_id)
         k = self.store.keys
         return (
             k.request(request_id),
-            k.counts(lane),
-            k.dead_letters(lane),
-            k.dead_letters(lane, "entries"),
+            k.counts(lane, shard),
+            k.dead_letters(lane, shard=shard),
+            k.dead_letters(lane, "entries", shard),
         )
 
     def add(self, request_id: str, error: ErrorInfo, *, now: float | None = None) -> bool:
@@ -55,14 +55,14 @@ class DeadLetters:
         """
         st = self.store
         now = time.time() if now is None else now
-        lane = lane_of(request_id)
+        lane, shard = lane_of(request_id), shard_of(request_id)
         req, counts, dead, entries = self._keys(request_id)
         entry = DeadLetter(id=request_id, lane=lane, at=now, error=error.model_dump())
         with store_errors(st.url):
             # The lane is named first: a crash after it leaves a lane with nothing to list.
-            st.redis.sadd(st.keys.dead_letter_lanes(), lane)
+            st.redis.sadd(st.keys.dead_letter_lanes(), f"{lane}#{shard}" if shard else lane)
             filed = st.scripts["dead_letter_add"](
-                keys=[req, st.keys.outbox(lane), counts, dead, entries],
+                keys=[req, st.keys.outbox(lane, shard), counts, dead, entries],
                 args=[
                     request_id,
                     repr(now),
@@ -73,17 +73,21 @@ class DeadLetters:
             )
         return bool(filed)
 
-    def _lanes(self) -> list[str]:
+    def _lanes(self) -> list[tuple[str, int]]:
+        """(lane, shard) of every lane shard that has had a dead letter."""
         st = self.store
-        return sorted(decode(v) for v in st.redis.smembers(st.keys.dead_letter_lanes()))
+        named = sorted(decode(v) for v in st.redis.smembers(st.keys.dead_letter_lanes()))
+        return [
+            (lane, int(shard or 0)) for lane, _, shard in (name.partition("#") for name in named)
+        ]
 
     def entries(self) -> list[DeadLetter]:
         """Every dead letter, oldest first."""
         st = self.store
         with store_errors(st.url):
             pipe = st.redis.pipeline(transaction=False)
-            for lane in self._lanes():
-                pipe.hvals(st.keys.dead_letters(lane, "entries"))
+            for lane, shard in self._lanes():
+                pipe.hvals(st.keys.dead_letters(lane, "entries", shard))
             rows = pipe.execute()
         found = [json.loads(v) for values in rows for v in values]
         return sorted(found, key=lambda e: e["at"])
@@ -92,8 +96,8 @@ class DeadLetters:
         st = self.store
         with store_errors(st.url):
             pipe = st.redis.pipeline(transaction=False)
-            for lane in self._lanes():
-                pipe.zcard(st.keys.dead_letters(lane))
+            for lane, shard in self._lanes():
+                pipe.zcard(st.keys.dead_letters(lane, shard=shard))
             return sum(pipe.execute())
 
     def replay(self, request_id: str, *, now: float | None = None) -> bool | None:
@@ -105,7 +109,7 @@ class DeadLetters:
         st = self.store
         now = time.time() if now is None else now
         req, counts, dead, entries = self._keys(request_id)
-        outbox = st.keys.outbox(lane_of(request_id))
+        outbox = st.keys.outbox(lane_of(request_id), shard_of(request_id))
         with store_errors(st.url):
             code = int(
                 st.scripts["dead_letter_replay"](

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import redis
@@ -20,7 +20,7 @@ from pydantic import ValidationError
 
 from routing.decide.tables import first_error
 from routing.errors import NotFound
-from routing.keys import Keys
+from routing.keys import Keys, lane_of
 from routing.models import (
     Claimed,
     ErrorInfo,
@@ -31,7 +31,9 @@ from routing.models import (
     StoredResult,
 )
 from routing.states import FINISHED, LEASED, State
-from routing.store.base import CANCELLABLE, CANCELLED, decode, dumps, store_errors, url_errors
+from routing.store.base import CANCELLABLE, CANCELLED, decode, dumps, store_errors
+from routing.store.claims import ClaimOps
+from routing.store.connect import Replication, connect, is_cluster
 from routing.store.dlq import DeadLetters
 from routing.store.reads import ReadOps
 from routing.store.scripts import Scripts
@@ -45,6 +47,8 @@ DEFAULT_RESULT_TTL_S = 7 * 86400
 #: The error code of a stored request that cannot be read back (an older version wrote it, or a
 #: hand edit): it fails alone at its claim, with what is wrong, and is delivered like any failure.
 INVALID_STORED = "invalid_stored_request"
+#: Entries per ``trim.lua`` call (each passes its request hashes in KEYS).
+_TRIM_CHUNK = 1000
 
 
 class Claims(list[Claimed]):
@@ -67,7 +71,7 @@ def _read_claimed(data: bytes, problem: str) -> Prepared | str:
         return f"its stored {field or 'data'} is invalid: {message}"
 
 
-class LaneStore(SubmitOps, ReadOps):
+class LaneStore(SubmitOps, ReadOps, ClaimOps):
     """All state transitions of requests. Safe to share across threads; any number of processes."""
 
     def __init__(
@@ -86,12 +90,16 @@ class LaneStore(SubmitOps, ReadOps):
         self.url = url
         self.scripts = Scripts(client)
         self.dlq = DeadLetters(self)
+        self.lane_shards = {}
+        self._published_read = False
 
     @classmethod
     def from_url(cls, url: str, **kwargs: Any) -> LaneStore:
-        with url_errors(url):
-            client = redis.Redis.from_url(url, health_check_interval=30)
-        return cls(client, url=url, **kwargs)
+        """Any form of MIXBATCH_REDIS_URL (``routing.store.connect``); submits wait for replicas."""
+        kwargs.setdefault("cluster", is_cluster(url))
+        store = cls(connect(url), url=url, **kwargs)
+        store.replication = Replication.from_env()
+        return store
 
     def close(self) -> None:
         self.redis.close()
@@ -99,47 +107,48 @@ class LaneStore(SubmitOps, ReadOps):
     # -- service config -------------------------------------------------------------------
 
     def publish_config(self, config: ServiceConfig) -> None:
+        self.learn_lanes(config.lanes)
         with store_errors(self.url):
             self.redis.set(self.keys.config(), config.model_dump_json())
 
     def load_config(self) -> ServiceConfig | None:
         with store_errors(self.url):
             raw = self.redis.get(self.keys.config())
-        return None if raw is None else ServiceConfig.model_validate_json(raw)
+        if raw is None:
+            return None
+        config = ServiceConfig.model_validate_json(raw)
+        self.learn_lanes(config.lanes)
+        return config
 
     # -- claim and lease transitions --------------------------------------------------------
 
     def claim(self, lane: str, n: int, *, lease_s: float, now: float | None = None) -> Claims:
-        """Up to ``n`` queued requests of ``lane``, earliest deadline first, each under a lease.
+        """Up to ``n`` queued requests of ``lane``, earliest deadline first (across its shards:
+        ``routing.store.claims`` says how exactly), each under a lease.
 
         A stored request that cannot be read back (an older version's, a hand edit's) is FAILED
         alone, with the reason, and its id is in ``failed`` for the caller to deliver: one bad
         request never stops a lane.
         """
+        return self._claim([(lane, len(self.shards(lane)))], n, lease_s=lease_s, now=now)
+
+    def claim_lanes(
+        self, lanes: Sequence[LaneSpec], n: int, *, lease_s: float, now: float | None = None
+    ) -> Claims:
+        """Claim across lanes by priority: an urgent request never waits behind bulk work.
+        Every lane's heads are read in one round trip and claimed in one more."""
+        self.learn_lanes(lanes)
+        order = [(s.name, s.shards) for s in sorted(lanes, key=lambda s: -s.priority)]
+        return self._claim(order, n, lease_s=lease_s, now=now)
+
+    def _claim(
+        self, lanes: Sequence[tuple[str, int]], n: int, *, lease_s: float, now: float | None
+    ) -> Claims:
         if n <= 0:
             return Claims()
         now = time.time() if now is None else now
         token = uuid.uuid4().hex
-        k = self.keys
-        with store_errors(self.url):
-            flat = self.scripts["claim"](
-                keys=[
-                    k.queue(lane),
-                    k.queue_age(lane),
-                    k.delayed(lane),
-                    k.leases(lane),
-                    k.counts(lane),
-                ],
-                args=[
-                    repr(now),
-                    n,
-                    repr(now + lease_s),
-                    token,
-                    k.request_prefix(lane),
-                    State.QUEUED.value,
-                    State.CLAIMED.value,
-                ],
-            )
+        flat = self.claim_flat(lanes, n, token=token, lease_until=now + lease_s, now=now)
         out = Claims()
         unreadable: list[tuple[str, str, State, StoredResult]] = []
         for i in range(0, len(flat), 4):
@@ -155,19 +164,8 @@ class LaneStore(SubmitOps, ReadOps):
             unreadable.append((rid, token, State.FAILED, StoredResult(error=error)))
         won = self.finish_many(unreadable, now=now)
         out.failed.extend(rid for (rid, *_), ok in zip(unreadable, won, strict=True) if ok)
-        return out
-
-    def claim_lanes(
-        self, lanes: Sequence[LaneSpec], n: int, *, lease_s: float, now: float | None = None
-    ) -> Claims:
-        """Claim across lanes by priority: an urgent request never waits behind bulk work."""
-        out = Claims()
-        for spec in sorted(lanes, key=lambda s: -s.priority):
-            if len(out) >= n:
-                break
-            got = self.claim(spec.name, n - len(out), lease_s=lease_s, now=now)
-            out.extend(got)
-            out.failed.extend(got.failed)
+        rank = {lane: n for n, (lane, _) in enumerate(lanes)}
+        out.sort(key=lambda c: (rank.get(lane_of(c.id), 0), c.request.deadline))
         return out
 
     def start(
@@ -238,9 +236,16 @@ class LaneStore(SubmitOps, ReadOps):
         return self.finish_many([(request_id, token, outcome, result)], now=now)[0]
 
     def finish_many(
-        self, items: Sequence[tuple[str, str, State, StoredResult]], *, now: float | None = None
+        self,
+        items: Sequence[tuple[str, str, State, StoredResult]],
+        *,
+        now: float | None = None,
+        delivered: Sequence[bool] = (),
     ) -> list[bool]:
-        """``finish`` for many (id, token, outcome, result) in one pipelined round trip."""
+        """``finish`` for many (id, token, outcome, result) in one pipelined round trip.
+
+        ``delivered[i]`` true: item i has no sink to call, so it is DELIVERED in the same script
+        (the built-in store is its delivery), saving a second script per request."""
         now = time.time() if now is None else now
         froms = (*LEASED, State.SUBMITTED)
         for _, _, outcome, _ in items:
@@ -248,9 +253,15 @@ class LaneStore(SubmitOps, ReadOps):
                 raise ValueError(f"{outcome} is not an outcome")
         with store_errors(self.url):
             pipe = self.redis.pipeline(transaction=False)
-            for request_id, token, outcome, result in items:
+            for n, (request_id, token, outcome, result) in enumerate(items):
                 call = self.settle_call(
-                    request_id, token, outcome, dumps(result.stored()), now, froms
+                    request_id,
+                    token,
+                    outcome,
+                    dumps(result.stored()),
+                    now,
+                    froms,
+                    delivered=n < len(delivered) and delivered[n],
                 )
                 self.scripts["settle"](*call, client=pipe)
             return [bool(int(x[0])) if x else False for x in pipe.execute()] if items else []
@@ -333,40 +344,67 @@ class LaneStore(SubmitOps, ReadOps):
 
     # -- sweeping -------------------------------------------------------------------------
 
-    def expired_leases(self, lane: str, now: float, limit: int = 1000) -> list[str]:
+    def _due(
+        self, which: Callable[[str, int], str], lane: str, now: float, limit: int
+    ) -> list[str]:
+        """Ids scored at or before ``now`` in one sorted set of each of ``lane``'s shards."""
         with store_errors(self.url):
-            raw = self.redis.zrangebyscore(self.keys.leases(lane), "-inf", now, start=0, num=limit)
-        return [decode(r) for r in raw]
+            pipe = self.redis.pipeline(transaction=False)
+            for shard in self.shards(lane):
+                pipe.zrangebyscore(which(lane, shard), "-inf", now, start=0, num=limit)
+            return [decode(r) for raw in pipe.execute() for r in raw][:limit]
+
+    def expired_leases(self, lane: str, now: float, limit: int = 1000) -> list[str]:
+        return self._due(self.keys.leases, lane, now, limit)
 
     def overdue_queued(self, lane: str, now: float, limit: int = 1000) -> list[str]:
-        with store_errors(self.url):
-            raw = self.redis.zrangebyscore(self.keys.queue(lane), "-inf", now, start=0, num=limit)
-        return [decode(r) for r in raw]
+        return self._due(self.keys.queue, lane, now, limit)
 
     def due_deliveries(self, lane: str, now: float, limit: int = 1000) -> list[str]:
-        with store_errors(self.url):
-            raw = self.redis.zrangebyscore(self.keys.outbox(lane), "-inf", now, start=0, num=limit)
-        return [decode(r) for r in raw]
+        return self._due(self.keys.outbox, lane, now, limit)
 
     def trim(self, lane: str, now: float, limit: int = 10_000) -> tuple[int, int]:
         """Forget what ``lane`` served whose results expired: (finished entries, dead letters).
 
         Request hashes expire by themselves (``result_ttl_s`` after they finish); what indexes
         them does not, so the sweeper calls this and a lane's keys stay bounded by the traffic
-        of the last ``result_ttl_s``, not by all it ever served.
+        of the last ``result_ttl_s``, not by all it ever served. Two steps per shard: read the
+        entries past the cutoff, then ``trim.lua`` with their hashes re-checks and forgets them.
         """
-        k = self.keys
+        k, cutoff = self.keys, now - self.result_ttl_s
         with store_errors(self.url):
-            removed, dead = self.scripts["trim"](
-                keys=[
-                    k.finished(lane),
-                    k.dead_letters(lane),
-                    k.dead_letters(lane, "entries"),
-                    k.counts(lane),
-                ],
-                args=[repr(now - self.result_ttl_s), k.request_prefix(lane), limit],
-            )
-        return int(removed), int(dead)
+            pipe = self.redis.pipeline(transaction=False)
+            for shard in self.shards(lane):
+                pipe.zrangebyscore(k.finished(lane, shard), "-inf", f"({cutoff!r}", 0, limit)
+                pipe.zrangebyscore(
+                    k.dead_letters(lane, shard=shard), "-inf", f"({cutoff!r}", 0, limit
+                )
+            found = pipe.execute()
+            pipe = self.redis.pipeline(transaction=False)
+            for shard in self.shards(lane):
+                done, dead = found[2 * shard], found[2 * shard + 1]
+                for start in range(0, max(len(done), len(dead)), _TRIM_CHUNK):
+                    ids = [
+                        decode(i)
+                        for i in (
+                            *done[start : start + _TRIM_CHUNK],
+                            *dead[start : start + _TRIM_CHUNK],
+                        )
+                    ]
+                    f = len(done[start : start + _TRIM_CHUNK])
+                    self.scripts["trim"](
+                        keys=[
+                            k.finished(lane, shard),
+                            k.dead_letters(lane, shard=shard),
+                            k.dead_letters(lane, "entries", shard),
+                            k.counts(lane, shard),
+                            *(k.request_prefix(lane, shard) + rid for rid in ids),
+                        ],
+                        args=[repr(cutoff), f, *ids],
+                        client=pipe,
+                    )
+            replies = pipe.execute()
+        return sum(int(r[0]) for r in replies), sum(int(r[1]) for r in replies)
 
     # -- delivery -------------------------------------------------------------------------
 

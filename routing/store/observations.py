@@ -15,7 +15,8 @@ key (all under the hash tag ``{obs}``)          entries
 ``NS:{obs}:r:ACCOUNT|MODEL``                    list ``[at, seconds]``: realtime latency
 ``NS:{obs}:headroom``                           hash ACCOUNT|MODEL -> last rate-limit ``Headroom``
 ``NS:{obs}:g:MODEL``                            list ``[at, texts_per_s, queue_wait_s]``: GPU
-``NS:{obs}:g:aliases``                          hash alias -> model
+``NS:{obs}:g:hosts``                            hash ``[model, host, alias]`` -> last report:
+                                                who serves what, per host (GPU liveness)
 ``NS:{obs}:b:index`` / ``r:index`` / ``g:index``  sets of the list keys, so a snapshot is one pipeline
 ==============================================  =================================================
 
@@ -30,6 +31,10 @@ would cost the request). A flushed store is not an error either: estimates fall 
 For the GPU worker: call ``ObservationStore.record_gpu(model, texts_per_s=..., queue_wait_s=...,
 aliases=...)`` after each micro-batch and on a heartbeat (every minute or so, idle or not); a
 model whose last report is older than ``MIXBATCH_ROUTE_GPU_MAX_AGE_S`` is treated as unserved.
+Liveness is per host (``host``: hostname and pid by default): each host's report of a model and
+of each alias is stamped on its own and expires on its own after ``gpu_max_age_s``, so with
+workers on several hosts the local route stays open while some host serving the model reports,
+and an alias routes locally only while a host that serves it reports.
 """
 
 from __future__ import annotations
@@ -37,6 +42,8 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
+import socket
 import time
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -62,6 +69,13 @@ DEFAULT_TTL_S = 14 * 86400
 SEEN_TTL_S = 3 * 86400
 INFLIGHT_MAX_AGE_S = 3 * 86400
 """An in-flight entry older than this lost its batch to a path that never closed it: dropped."""
+DEFAULT_GPU_MAX_AGE_S = 900.0
+"""A host's GPU report older than this is forgotten (``MIXBATCH_ROUTE_GPU_MAX_AGE_S``'s default)."""
+
+
+def default_host() -> str:
+    """This process as a GPU host: hostname and pid, unique across hosts and workers."""
+    return f"{socket.gethostname()}:{os.getpid()}"
 
 
 def _dumps(value: Any) -> str:
@@ -83,6 +97,7 @@ class ObservationStore:
         url: str = "redis",
         max_per_key: int = DEFAULT_MAX_PER_KEY,
         ttl_s: int = DEFAULT_TTL_S,
+        gpu_max_age_s: float = DEFAULT_GPU_MAX_AGE_S,
     ) -> None:
         if max_per_key < 1:
             raise ValueError(f"max_per_key: must be >= 1, got {max_per_key}")
@@ -91,7 +106,9 @@ class ObservationStore:
         self.max_per_key = max_per_key
         self.ttl_s = ttl_s
         self.keys = Keys(namespace)
-        self._record = Scripts(client)["observe"]
+        self.gpu_max_age_s = gpu_max_age_s
+        scripts = Scripts(client)
+        self._record, self._gpu_hosts = scripts["observe"], scripts["gpu_hosts"]
         self._learned: tuple[float, int, RouteOptions] | None = None
 
     # -- recording (advisory) ---------------------------------------------------------------
@@ -182,37 +199,51 @@ class ObservationStore:
         queue_wait_s: float | None,
         at: float | None = None,
         aliases: Iterable[str] = (),
+        host: str | None = None,
     ) -> None:
         """What the GPU worker measured for ``model``: throughput while busy and queue wait.
 
         Call after each micro-batch and on a heartbeat; either figure may be None (not measured
-        yet). The report itself is the liveness signal the route choice reads.
+        yet). The report itself is the liveness signal the route choice reads, kept per
+        ``host`` (default: this host and process) with the aliases that host serves.
         """
         at = time.time() if at is None else at
         rate = texts_per_s if _finite(texts_per_s) and (texts_per_s or 0) > 0 else None
         wait = queue_wait_s if _finite(queue_wait_s) and (queue_wait_s or 0) >= 0 else None
         self._push("g", model, [round(at, 3), rate, wait])
-        names: dict[str | bytes, str] = {a: model for a in aliases if a != model}
-        if names:
-            try:
-                with store_errors(self.url):
-                    self.redis.hset(self.keys.obs_list("g", "aliases"), mapping=names)
-            except Exception as exc:
-                log.warning("observation not recorded", extra={"key": model, "error": str(exc)})
+        host = host or default_host()
+        fields = [_dumps([model, host, a]) for a in ("", *aliases) if a != model]
+        args = [repr(at), repr(at - self.gpu_max_age_s), self.ttl_s, *fields]
+        try:
+            with store_errors(self.url):
+                self._gpu_hosts(keys=[self.keys.obs_list("g", "hosts")], args=args)
+        except Exception as exc:  # advisory, as every observation
+            log.warning("observation not recorded", extra={"key": model, "error": str(exc)})
+
+    def gpu_hosts(self, now: float | None = None) -> dict[str, dict[str, float]]:
+        """Model (or alias) -> host -> its last report, for the hosts reporting lately."""
+        now = time.time() if now is None else now
+        with store_errors(self.url):
+            raw = self.redis.hgetall(self.keys.obs_list("g", "hosts"))
+        return _live_hosts(raw, now - self.gpu_max_age_s)[0]
 
     # -- reading ------------------------------------------------------------------------------
 
-    def snapshot(self, now: float | None = None) -> Observations:
-        """Every observation, in one pipelined read (an empty store gives empty lists)."""
+    def snapshot(
+        self, now: float | None = None, gpu_max_age_s: float | None = None
+    ) -> Observations:
+        """Every observation, in one pipelined read (an empty store gives empty lists); GPU
+        aliases of the hosts that reported within ``gpu_max_age_s`` (default: the store's)."""
         now = time.time() if now is None else now
+        max_age = self.gpu_max_age_s if gpu_max_age_s is None else gpu_max_age_s
         with store_errors(self.url):
             pipe = self.redis.pipeline(transaction=False)
             for kind in ("b", "r", "g"):
                 pipe.smembers(self.keys.obs_list(kind, "index"))
             pipe.hgetall(self.keys.obs("inflight"))
             pipe.hgetall(self.keys.obs("headroom"))
-            pipe.hgetall(self.keys.obs_list("g", "aliases"))
-            b_idx, r_idx, g_idx, inflight_raw, headroom_raw, aliases_raw = pipe.execute()
+            pipe.hgetall(self.keys.obs_list("g", "hosts"))
+            b_idx, r_idx, g_idx, inflight_raw, headroom_raw, hosts_raw = pipe.execute()
             names: dict[ObsKind, list[str]] = {
                 "b": sorted(n.decode() for n in b_idx),
                 "r": sorted(n.decode() for n in r_idx),
@@ -249,7 +280,7 @@ class ObservationStore:
             )
         for raw_key, raw in headroom_raw.items():
             seen.headroom[raw_key.decode()] = Headroom.model_validate_json(raw)
-        seen.gpu_aliases = {k.decode(): v.decode() for k, v in aliases_raw.items()}
+        seen.gpu_aliases = _live_hosts(hosts_raw, now - max_age)[1]
         if stale:
             with store_errors(self.url):
                 self.redis.hdel(self.keys.obs("inflight"), *stale)
@@ -264,7 +295,7 @@ class ObservationStore:
         cached = self._learned
         if cached is not None and cached[1] == id(base) and 0 <= now - cached[0] < refresh_s:
             return cached[2]
-        options = learn(base, self.snapshot(now), now)
+        options = learn(base, self.snapshot(now, base.gpu_max_age_s), now)
         self._learned = (now, id(base), options)
         return options
 
@@ -286,6 +317,24 @@ class Explained(BaseModel):
     deadline: float
     decision: Decision | None
     decisions: int
+
+
+def _live_hosts(
+    raw: Mapping[bytes, bytes], cutoff: float
+) -> tuple[dict[str, dict[str, float]], dict[str, str]]:
+    """The ``g:hosts`` entries stamped since ``cutoff``: name -> host -> at (a model or an alias),
+    and alias -> model for the aliases some live host serves."""
+    live: dict[str, dict[str, float]] = {}
+    aliases: dict[str, str] = {}
+    for field, stamp in raw.items():
+        at = float(stamp)
+        if at < cutoff:
+            continue
+        model, host, alias = json.loads(field)
+        live.setdefault(alias or model, {})[host] = at
+        if alias:
+            aliases[alias] = model
+    return live, aliases
 
 
 class DecisionStore:

@@ -16,7 +16,7 @@ from pydantic import TypeAdapter, ValidationError
 
 from routing.callbacks import CallbackSpec
 from routing.errors import NotFound, ResultTimeout
-from routing.keys import lane_of
+from routing.keys import lane_of, shard_of
 from routing.models import ErrorInfo, LaneStats, Prepared, Result, Route, StatusInfo
 from routing.states import State
 from routing.store.base import StoreBase, decode, dumps, store_errors
@@ -158,6 +158,7 @@ class ReadOps(StoreBase):
             provider=stored.get("provider"),
             cost_usd=stored.get("cost_usd"),
             saved_usd=stored.get("saved_usd"),
+            service_tier=stored.get("service_tier"),
             model=data.get("model"),
             endpoint=data.get("endpoint"),
             attempts=int(_number(h, "attempts")),
@@ -184,57 +185,84 @@ class ReadOps(StoreBase):
                     self.redis.lpush(notify, popped[1])
 
     def results(self, lane: str, *, since: float = 0.0, limit: int = 10_000) -> list[Result]:
-        """Finished requests of a lane, oldest first; entries whose TTL ran out are pruned."""
-        key = self.keys.finished(lane)
-        with store_errors(self.url):
-            ids = [
-                decode(i) for i in self.redis.zrangebyscore(key, since, "+inf", start=0, num=limit)
-            ]
-            pipe = self.redis.pipeline(transaction=False)
-            for rid in ids:
-                pipe.hgetall(self.keys.request(rid))
-            hashes = pipe.execute()
-            out: list[Result] = []
-            gone: list[str] = []
-            for rid, raw in zip(ids, hashes, strict=True):
-                if not raw:
-                    gone.append(rid)
-                    continue
-                res = self._result_from_hash(rid, {decode(k): decode(v) for k, v in raw.items()})
-                if res is not None:
-                    out.append(res)
-            if gone:
-                self.redis.zrem(key, *gone)
-        return out
-
-    def lane_stats(self, lane: str, *, now: float | None = None) -> LaneStats:
-        now = time.time() if now is None else now
+        """Finished requests of a lane (all its shards), oldest first; entries whose TTL ran
+        out are pruned."""
         k = self.keys
         with store_errors(self.url):
             pipe = self.redis.pipeline(transaction=False)
-            pipe.zcard(k.queue(lane))
-            pipe.zcard(k.delayed(lane))
-            pipe.zcard(k.leases(lane))
-            pipe.zrange(k.queue_age(lane), 0, 0, withscores=True)
-            pipe.zrange(k.queue(lane), 0, 0, withscores=True)
-            pipe.hgetall(k.counts(lane))
-            depth, delayed, leased, oldest, nearest, counts = pipe.execute()
+            for shard in self.shards(lane):
+                pipe.zrangebyscore(
+                    k.finished(lane, shard), since, "+inf", 0, limit, withscores=True
+                )
+            found = sorted((score, decode(rid)) for rows in pipe.execute() for rid, score in rows)[
+                :limit
+            ]
+            ids = [rid for _, rid in found]
+            pipe = self.redis.pipeline(transaction=False)
+            for rid in ids:
+                pipe.hgetall(k.request(rid))
+            hashes = pipe.execute()
+            out: list[Result] = []
+            pipe = self.redis.pipeline(transaction=False)
+            for rid, raw in zip(ids, hashes, strict=True):
+                if not raw:
+                    pipe.zrem(k.finished(lane, shard_of(rid)), rid)
+                    continue
+                res = self._result_from_hash(rid, {decode(f): decode(v) for f, v in raw.items()})
+                if res is not None:
+                    out.append(res)
+            pipe.execute()
+        return out
+
+    def lane_stats(self, lane: str, *, now: float | None = None) -> LaneStats:
+        """A lane's depth, leases, oldest and nearest request and counts, summed over its shards."""
+        now = time.time() if now is None else now
+        k = self.keys
+        shards = self.shards(lane)
+        with store_errors(self.url):
+            pipe = self.redis.pipeline(transaction=False)
+            for s in shards:
+                pipe.zcard(k.queue(lane, s))
+                pipe.zcard(k.delayed(lane, s))
+                pipe.zcard(k.leases(lane, s))
+                pipe.zrange(k.queue_age(lane, s), 0, 0, withscores=True)
+                pipe.zrange(k.queue(lane, s), 0, 0, withscores=True)
+                pipe.hgetall(k.counts(lane, s))
+            replies = pipe.execute()
+        parts = [replies[6 * n : 6 * n + 6] for n in range(len(shards))]
+        oldest = min((p[3][0][1] for p in parts if p[3]), default=None)
+        nearest = min((p[4][0][1] for p in parts if p[4]), default=None)
+        counts: dict[str, int] = {}
+        for p in parts:
+            for name, value in p[5].items():
+                counts[decode(name)] = counts.get(decode(name), 0) + int(value)
         return LaneStats(
             lane=lane,
-            depth=depth,
-            delayed=delayed,
-            leased=leased,
-            oldest_age_s=now - oldest[0][1] if oldest else None,
-            nearest_deadline_s=nearest[0][1] - now if nearest else None,
-            counts={decode(a): int(b) for a, b in counts.items()},
+            depth=sum(p[0] for p in parts),
+            delayed=sum(p[1] for p in parts),
+            leased=sum(p[2] for p in parts),
+            oldest_age_s=now - oldest if oldest is not None else None,
+            nearest_deadline_s=nearest - now if nearest is not None else None,
+            counts=counts,
         )
 
     def leased_count(self, lanes: Iterable[str]) -> int:
         with store_errors(self.url):
             pipe = self.redis.pipeline(transaction=False)
             for lane in lanes:
-                pipe.zcard(self.keys.leases(lane))
+                for shard in self.shards(lane):
+                    pipe.zcard(self.keys.leases(lane, shard))
             return sum(pipe.execute())
+
+    def queued_ids(self, lane: str) -> list[str]:
+        """Every request waiting in the lane's queues or delayed sets (a retry's backoff)."""
+        k = self.keys
+        with store_errors(self.url):
+            pipe = self.redis.pipeline(transaction=False)
+            for shard in self.shards(lane):
+                pipe.zrange(k.queue(lane, shard), 0, -1)
+                pipe.zrange(k.delayed(lane, shard), 0, -1)
+            return [decode(m) for members in pipe.execute() for m in members]
 
     def finished_many(self, request_ids: Sequence[str]) -> dict[str, tuple[Prepared, Result]]:
         """Request and result of many finished requests, one round trip (others left out)."""

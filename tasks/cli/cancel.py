@@ -84,12 +84,7 @@ def _by_custom_id(st: LaneStore, file: Path, tenant: str) -> dict[str, str | Non
 
 def _queued(st: LaneStore, lane: str) -> dict[str, str | None]:
     """Every request waiting in the lane's queue or its delayed set (a retry's backoff)."""
-    with store_errors(st.url):
-        pipe = st.redis.pipeline(transaction=False)
-        pipe.zrange(st.keys.queue(lane), 0, -1)
-        pipe.zrange(st.keys.delayed(lane), 0, -1)
-        queued, delayed = pipe.execute()
-    return dict.fromkeys(decode(m) for m in [*queued, *delayed])
+    return dict.fromkeys(st.queued_ids(lane))
 
 
 @click.command()

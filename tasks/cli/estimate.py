@@ -64,17 +64,17 @@ class _ReadOnly:
 
 def _observed(s: Any, options: RouteOptions, now: float) -> tuple[RouteOptions, str]:
     """The options with what the service observed, when its Redis answers; else the priors."""
-    import redis
 
     from routing.decide.options import learn
     from routing.store.base import redact_url
+    from routing.store.connect import connect
     from routing.store.embedded import running_url
     from routing.store.observations import ObservationStore
 
     url = s.redis_url or running_url(s.data_dir)
     if not url:
         return options, "priors (no Redis to read observations from)"
-    client = redis.Redis.from_url(url, socket_connect_timeout=2, socket_timeout=5)
+    client = connect(url, socket_connect_timeout=2, socket_timeout=5)
     try:
         obs = ObservationStore(
             _ReadOnly(client),  # type: ignore[arg-type]
@@ -182,11 +182,14 @@ def _print(q: Quote, report: dict[str, Any]) -> None:
 def estimate(file: Path, lane: str, deadline: str | None, as_json: bool) -> None:
     """Price a file in the OpenAI batch input format before enqueueing it: the request count,
     input tokens (the model's own tokenizer where one is installed, else an estimate, with its
-    measured error), the output cap, and per route (batch, gpu, realtime) the cost in USD and
-    the expected finish; then what the route rule would do now. Writes nothing to Redis.
+    measured error), the output cap, and per route (batch, gpu, flex, realtime, and priority
+    where opted in) the cost in USD at that tier's price and the expected finish; then what the
+    route rule would do now. Writes nothing to Redis.
 
     An unknown model is priced as unknown, with a warning."""
+    from config.providers import capabilities
     from routing.decide.estimate import measure_error, quote
+    from routing.providers.capabilities import tier_options
     from tasks.runtime import route_options
 
     s = load_settings()
@@ -195,7 +198,9 @@ def estimate(file: Path, lane: str, deadline: str | None, as_json: bool) -> None
     lines, items = file_items(file, lane=lane, deadline=deadline, tenant="default")
     now = time.time()
     requests = _prepare(file, lines, items, config, now)
-    options, source = _observed(s, route_options(), now)
+    lanes = frozenset(spec.name for spec in config.lanes if spec.priority_tier)
+    tiers = {**tier_options(capabilities(s)), "priority_lanes": lanes}
+    options, source = _observed(s, route_options().model_copy(update=tiers), now)
     toks = Tokenizers(s.gpu_models_file)
     counted, by_model, estimated = _count(requests, toks)
     error = None

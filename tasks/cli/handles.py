@@ -25,11 +25,11 @@ def open_client() -> Any:
     from routing.client import Client
 
     s = load_settings()
-    return Client(s.broker_url(), namespace=s.namespace, config=s.service_config())
+    return Client(s.store_url(), namespace=s.namespace, config=s.service_config())
 
 
 def open_observer() -> tuple[Observer, LaneStore]:
     """An observer and the store it reads; the caller closes the store."""
     s = load_settings()
-    store = LaneStore.from_url(s.broker_url(), namespace=s.namespace, result_ttl_s=s.result_ttl_s)
+    store = LaneStore.from_url(s.store_url(), namespace=s.namespace, result_ttl_s=s.result_ttl_s)
     return Observer(store, fallback_lanes=lambda: s.lanes()), store

@@ -28,7 +28,8 @@ Families (``_total`` ones are counters):
     mixbatch_provider_batches_in_flight{provider}
     mixbatch_batch_intents                          recorded, not yet confirmed by the provider
     mixbatch_batch_staged_requests                  waiting in a group for their batch
-    mixbatch_cost_usd_total{route}
+    mixbatch_cost_usd_total{route}                 by the tier that answered: batch, flex, realtime,
+                                                    priority, gpu
     mixbatch_saved_usd_total                        what the batch route saved against realtime
     mixbatch_last_sweep_timestamp_seconds           when ``mixbatch.sweep`` last ran
 """
@@ -92,7 +93,8 @@ def families(snap: Snapshot, providers: Iterable[str] = ()) -> list[Metric]:
     )
     finished = CounterMetricFamily(
         "mixbatch_requests_total",
-        "Finished requests by route (batch, realtime, gpu; none: never routed) and outcome.",
+        "Finished requests by route (batch, flex, realtime, priority, gpu; none: never routed) "
+        "and outcome.",
         labels=["lane", "route", "status"],
     )
     retries = CounterMetricFamily(

@@ -270,11 +270,18 @@ class Health(BaseModel):
         return "; ".join(f"{c.name}: {c.detail}" for c in self.checks if not c.ok)
 
 
-def _workers_check(url: str, timeout_s: float) -> Check:
-    """Every service queue needs a worker that answers, or its requests would wait forever."""
+def _workers_check(
+    url: str, timeout_s: float, transport_options: dict[str, Any] | None = None
+) -> Check:
+    """Every service queue needs a worker that answers, or its requests would wait forever.
+
+    ``transport_options``: what the broker needs besides its URL (a ``sentinel://`` broker's
+    ``master_name``; without it kombu refuses to broadcast and no worker could ever answer)."""
     from celery import Celery
 
     pinger = Celery("mixbatch-health", broker=url, set_as_current=False)
+    if transport_options:
+        pinger.conf.broker_transport_options = transport_options
     try:
         replies: dict[str, Any] = pinger.control.inspect(timeout=timeout_s).active_queues() or {}
     except Exception as exc:  # the broker dropped mid-broadcast: report it, never crash
@@ -338,11 +345,15 @@ def check_health(
     sweep_interval_s: float,
     timeout_s: float,
     now: float | None = None,
+    broker: Callable[[], str] | None = None,
+    broker_options: Callable[[], dict[str, Any]] | None = None,
 ) -> Health:
     """Redis answers, every service queue has a live worker, and beat's sweep is recent.
 
     ``url`` is a callable so that "no Redis configured and none embedded running" is reported
-    as the Redis check failing (with the reason), like any other outage.
+    as the Redis check failing (with the reason), like any other outage. ``broker`` and
+    ``broker_options``: Celery's broker when it is not the store (``Settings.broker_url`` and
+    ``broker_transport_options``: a Sentinel broker's master name).
     """
     try:
         resolved = url()
@@ -354,7 +365,11 @@ def check_health(
             store.redis.ping()
         checks = [
             Check(name="redis", ok=True, detail="PING answered"),
-            _workers_check(resolved, timeout_s),
+            _workers_check(
+                broker() if broker else resolved,
+                timeout_s,
+                broker_options() if broker_options else None,
+            ),
             _beat_check(store, sweep_interval_s, time.time() if now is None else now),
         ]
     except MixbatchError as exc:

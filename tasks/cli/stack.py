@@ -17,8 +17,6 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any
 
-import redis
-
 from config.queues import GPU_QUEUE, SERVICE_QUEUES
 from routing.errors import ConfigError
 from routing.models import ServiceConfig
@@ -103,7 +101,7 @@ class LocalStack:
         return env
 
     def store(self) -> LaneStore:
-        return LaneStore(redis.Redis.from_url(self.url), namespace=self.namespace, url=self.url)
+        return LaneStore.from_url(self.url, namespace=self.namespace)
 
     def publish(self, config: ServiceConfig) -> None:
         st = self.store()
@@ -143,9 +141,12 @@ class LocalStack:
         cwd: Path | None = None,
         pool: str = "prefork",
         env: dict[str, str] | None = None,
+        wrap: Sequence[str] = (),
     ) -> subprocess.Popen[bytes]:
-        """A celery worker; ``env`` is added to this worker's environment only."""
+        """A celery worker; ``env`` is added to this worker's environment only; ``wrap`` runs it
+        inside a command (``ip netns exec HOST``: another host, tests/test_hosts.py)."""
         argv = [
+            *wrap,
             sys.executable, "-m", "celery", "-A", app, "worker",
             "-Q", ",".join(queues), "-c", str(concurrency), "-n", f"{name}@%h", "-P", pool,
             "--prefetch-multiplier", "1", "--without-gossip", "--without-mingle", "-l", loglevel,
@@ -181,7 +182,11 @@ class LocalStack:
         host = os.uname().nodename
         wanted = {f"{n}@{host}" for n in names}
         end = time.monotonic() + timeout_s
-        pinger = Celery("mixbatch-stack", broker=self.url, set_as_current=False)
+        broker = self.extra_env.get("MIXBATCH_BROKER_URL", self.url)
+        pinger = Celery("mixbatch-stack", broker=broker, set_as_current=False)
+        if "MIXBATCH_BROKER_MASTER_NAME" in self.extra_env:  # a sentinel:// broker
+            master = self.extra_env["MIXBATCH_BROKER_MASTER_NAME"]
+            pinger.conf.broker_transport_options = {"master_name": master}
         try:
             while time.monotonic() < end:
                 for name, proc in self.procs.items():

@@ -94,7 +94,7 @@ def costs(as_json: bool, plot_to: Path | None, hours: int) -> None:
         return
     for group, title in (
         ("all", "total"),
-        ("route", "by route"),
+        ("route", "by route (the tier that answered: batch, flex, realtime, priority, gpu)"),
         ("lane", "by lane"),
         ("tenant", "by tenant"),
         ("tag", "by spend tag"),
@@ -281,7 +281,9 @@ def _live(observer: Observer, snap: Snapshot, where: str, interval: float) -> No
 def _health_once(timeout_s: float) -> Health:
     s = load_settings()
     return check_health(
-        s.broker_url,
+        s.store_url,
+        broker=s.broker_url,
+        broker_options=s.broker_transport_options,
         namespace=s.namespace,
         sweep_interval_s=s.sweep_interval_s,
         timeout_s=timeout_s,
