@@ -15,6 +15,7 @@ import hashlib
 import itertools
 import os
 import time
+from collections.abc import Sequence
 from typing import Literal
 
 from routing.errors import InvalidRequest
@@ -43,6 +44,18 @@ def ulid(now: float | None = None) -> str:
     return base64.b32encode(b"\0\0\0\0" + raw).decode().translate(_FROM_RFC4648)[6:]
 
 
+def ulids(n: int, now: float | None = None) -> list[str]:
+    """``n`` ids as ``ulid(now)`` makes them, in one go: one clock read, one ``os.urandom``,
+    one ``b32encode`` over 20-byte blocks (4 zero bytes, 6 of milliseconds, 10 random: exactly
+    32 base32 characters each) and one translate; bulk submit made them one at a time."""
+    ms = int((time.time() if now is None else now) * 1000).to_bytes(6, "big")
+    rand = os.urandom(10 * n)
+    head = b"\0\0\0\0" + ms
+    blob = b"".join([head + rand[i : i + 10] for i in range(0, 10 * n, 10)])
+    text = base64.b32encode(blob).decode().translate(_FROM_RFC4648)
+    return [text[i + 6 : i + 32] for i in range(0, 32 * n, 32)]
+
+
 #: Round robin over a lane's shards, per process: one ``submit_many`` spreads evenly.
 _spread = itertools.count()
 
@@ -51,6 +64,15 @@ def new_request_id(lane: str, now: float | None = None, shards: int = 1) -> str:
     """A new id in ``lane``; with ``shards`` > 1, in the next shard of a per-process round robin."""
     shard = next(_spread) % shards if shards > 1 else 0
     return f"{lane}.{shard}.{ulid(now)}" if shard else f"{lane}.{ulid(now)}"
+
+
+def new_request_ids(lanes: Sequence[tuple[str, int]], now: float | None = None) -> list[str]:
+    """``new_request_id(lane, now, shards)`` for each (lane, shards), with ids from one ``ulids``."""
+    out = []
+    for (lane, shards), uid in zip(lanes, ulids(len(lanes), now), strict=True):
+        shard = next(_spread) % shards if shards > 1 else 0
+        out.append(f"{lane}.{shard}.{uid}" if shard else f"{lane}.{uid}")
+    return out
 
 
 def lane_of(request_id: str) -> str:

@@ -11,7 +11,7 @@ import math
 import re
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from pydantic import (
     BaseModel,
@@ -33,6 +33,8 @@ from routing.errors import (
     UnknownLane,
 )
 from routing.states import State
+
+_M = TypeVar("_M", bound=BaseModel)
 
 
 class Endpoint(StrEnum):
@@ -302,18 +304,48 @@ def prepare(req: Request, config: ServiceConfig, now: float) -> Prepared:
             f"{_iso(deadline)} is more than {MAX_DEADLINE_S / 86400:.0f} days ahead",
             field="deadline",
         )
-    return Prepared(
-        tenant=req.tenant,
-        custom_id=req.custom_id,
-        lane=lane.name,
-        deadline=deadline,
-        endpoint=Endpoint(req.endpoint),
-        model=model,
-        body=body,
-        metadata=req.metadata,
-        callback=req.callback,
-        max_attempts=req.max_attempts or config.default_max_attempts,
-        created_at=now,
+    fields: dict[str, Any] = {
+        "tenant": req.tenant,
+        "custom_id": req.custom_id,
+        "lane": lane.name,
+        "deadline": deadline,
+        "endpoint": Endpoint(req.endpoint),
+        "model": model,
+        "body": body,
+        "metadata": dict(req.metadata),
+        "callback": req.callback,
+        "max_attempts": req.max_attempts or config.default_max_attempts,
+        "created_at": now,
+    }
+    if _sound(fields):
+        # Every field was just validated (``req`` is a ``Request``, the rest checked above),
+        # so validating again would only cost: half the bulk path's time went there.
+        return trusted(Prepared, fields)
+    return Prepared(**fields)  # an odd ``now`` or config: Prepared's own error, as ever
+
+
+def trusted(cls: type[_M], fields: dict[str, Any]) -> _M:
+    """``cls(**fields)`` for fields known valid, without validating them again: three times
+    quicker than validating, and ``model_construct`` is slower still (it walks the defaults).
+    Every field must be given; tests/test_submit_fast.py checks it equals the validated model."""
+    m = cls.__new__(cls)
+    object.__setattr__(m, "__dict__", fields)
+    object.__setattr__(m, "__pydantic_fields_set__", set(fields))
+    object.__setattr__(m, "__pydantic_extra__", None)
+    object.__setattr__(m, "__pydantic_private__", None)
+    return m
+
+
+def _sound(fields: dict[str, Any]) -> bool:
+    """Whether ``Prepared`` would accept ``fields`` as they are (its rules, restated cheaply)."""
+    now, attempts = fields["created_at"], fields["max_attempts"]
+    return (
+        type(now) is float
+        and 0 <= now < math.inf
+        and type(attempts) is int
+        and 1 <= attempts <= 100
+        and type(fields["deadline"]) is float
+        and fields["deadline"] > 0
     )
 
 

@@ -16,10 +16,11 @@ import subprocess
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import pytest
 import redis
 
 from routing.models import ServiceConfig
@@ -369,6 +370,24 @@ RECOVER_FAST = {
 }
 
 
+#: Seconds to watch for a late duplicate after the last delivery (sweeps run every second).
+SETTLE_S = float(os.environ.get("MIXBATCH_TEST_SETTLE_S", "2"))
+#: Requests per scale-out run: enough for every route and a fault mid-run, no more.
+RUN_N = int(os.environ.get("MIXBATCH_TEST_SCALE_N", "120"))
+
+
+@pytest.fixture(scope="session")
+def rabbit() -> Iterator[RabbitNode]:
+    """One RabbitMQ node for the whole session (it takes ~10 s to start)."""
+    from tests.conftest import need_server
+
+    if rabbit_binary() is None:
+        need_server("no rabbitmq-server (Debian's package; .ci/run installs it as root)")
+    node = RabbitNode().start()
+    yield node
+    node.stop()
+
+
 def delivered_counts(counts_url: str, namespace: str) -> dict[str, int]:
     """How often the callback app (tests/callback_app.py) received each request's result."""
     from tests.callback_app import counts_key
@@ -462,7 +481,7 @@ def run_workload(
         with Client(store_url, namespace=stack.namespace) as client:
             states = Counter(client.status(i).state.value for i in missing)
         raise AssertionError(f"{len(missing)} never delivered, by state: {dict(states)}") from None
-    time.sleep(3)  # a few sweeps more: a duplicate would show up now
+    time.sleep(SETTLE_S)  # a few sweeps more (one a second): a duplicate would show up now
     counts = delivered_counts(counts_url, stack.namespace)
     assert set(counts) == set(ids), f"{len(set(ids) - set(counts))} never delivered"
     if exactly_once:

@@ -25,7 +25,9 @@ from routing.states import State
 from routing.store.batches import BatchRegistry
 from routing.store.connect import Replication, connect
 from routing.store.lanes import LaneStore
+from tasks.cli.stack import LocalStack
 from tests.servers import (
+    RUN_N,
     RedisCluster,
     RedisNode,
     free_ports,
@@ -34,7 +36,7 @@ from tests.servers import (
     wait_until,
 )
 from tests.test_batch_engine import OPTIONS, SETTINGS
-from tests.test_e2e import _config
+from tests.test_e2e import FAST, _config
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -126,7 +128,7 @@ def test_master_killed_mid_run_everything_delivered_once(
             )
 
         run_workload(
-            stack, cluster.url, n=300, counts_url=broker.url, during=kill_master,
+            stack, cluster.url, n=RUN_N, counts_url=broker.url, during=kill_master,
             exactly_once=False,
         )  # fmt: skip
         assert victim.proc is not None and victim.proc.poll() is not None
@@ -169,6 +171,30 @@ def test_async_client_on_the_cluster(
         asyncio.run(session())
         assert len(store.claim("bulk", 10, lease_s=30)) == 3
     finally:
+        store.close()
+
+
+def test_beat_on_the_cluster_with_redbeat(
+    cluster: RedisCluster, broker: RedisNode, tmp_path: Path
+) -> None:
+    """A real ``celery beat`` with RedBeat on the cluster store (Celery on a Redis broker):
+    its schedule and lock live in the cluster (one hash tag, one slot), so beats on several
+    hosts fire each entry once, and a scheduled mixbatch task (the sweep) fires and runs."""
+    ns = "beat"
+    env = {**FAST, "MIXBATCH_BROKER_URL": broker.url, "MIXBATCH_BEAT_SCHEDULER": "redbeat"}
+    stack = LocalStack(tmp_path / "beat", redis_url=cluster.url, namespace=ns, env=env)
+    store = LaneStore.from_url(cluster.url, namespace=ns)
+    try:
+        stack.start()
+        stack.publish(_config())
+        stack.start_worker("beatw", concurrency=1)
+        stack.start_beat()
+        wait_until(lambda: store.last_beat("sweep") is not None, 60, "a sweep fired by RedBeat")
+        prefix = f"{{{ns}:redbeat}}:"
+        assert store.redis.exists(f"{prefix}:lock"), "RedBeat holds its lock in the cluster"
+        assert store.redis.exists(f"{prefix}:schedule")
+    finally:
+        stack.stop()
         store.close()
 
 

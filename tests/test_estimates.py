@@ -224,7 +224,7 @@ def test_estimates_describe_themselves(est: Estimate, text: str) -> None:
     ],
 )
 def test_latency_estimate(latencies: list[float], source: str, seconds: float) -> None:
-    obs = [LatencyObs(NOW, s) for s in latencies]
+    obs = [LatencyObs(NOW - 60.0, s) for s in latencies]  # a minute old: not a young sample
     est = latency_estimate(obs, NOW, prior_s=30.0)
     assert (est.source, est.seconds) == (source, seconds)
 

@@ -14,8 +14,10 @@ import pytest
 from routing.decide.cost import parse_prices
 from routing.decide.estimates import (
     EstimateRule,
+    LatencyObs,
     Observations,
     TurnaroundObs,
+    latency_estimate,
     survival_curve,
     turnaround_estimate,
     weighted_quantile,
@@ -172,3 +174,35 @@ def test_a_request_with_no_time_left_is_never_staged_to_be_hedged_again() -> Non
     assert math.isinf(batch.expected_finish_s) and "hedged at once" in batch.why
     prior = choose(base(realtime_wait_s={f"openai|{MODEL}": 9000.0}), 100)
     assert prior.route is Route.REALTIME, "on the prior too"
+
+
+# -- a young latency sample is truncated ---------------------------------------------------------
+
+#: flex calls dispatched from NOW - 60, recorded as they end: only those faster than their age
+FIRST_FLEX = [
+    LatencyObs(NOW - 60.0 + 8.0 * k + s, s)
+    for k, s in enumerate((20.0, 31.0, 25.0, 38.0, 22.0, 27.0))
+]
+
+
+def test_a_young_latency_sample_does_not_replace_the_prior() -> None:
+    """Calls slower than the sample's age are still running: a minute after flex's first calls,
+    its answers (20-38 s) say nothing of its minute-long median, so its prior (600 s) stands and
+    a one-minute deadline does not go to flex."""
+    est = latency_estimate(FIRST_FLEX, NOW, prior_s=600.0)
+    assert est.source == "prior" and est.seconds == 600.0 and est.n == 6
+    assert "too recent" in est.describe()
+    seen = Observations(realtime={f"openai@flex|{MODEL}": FIRST_FLEX})
+    options = learn(base(flex_models={"openai": frozenset({MODEL})}), seen, NOW)
+    d = choose(options, 60.0)
+    flex = next(c for c in d.candidates if c.route is Route.FLEX)
+    assert not flex.fits and d.route is Route.REALTIME
+
+
+def test_an_old_enough_latency_sample_is_learned_and_a_slow_young_one_is_a_lower_bound() -> None:
+    old = [LatencyObs(NOW - 300.0 + k, s) for k, s in enumerate((20.0, 31.0, 25.0, 38.0, 22.0))]
+    est = latency_estimate(old, NOW, prior_s=600.0)
+    assert (est.source, est.seconds, est.lower_bound) == ("observed", 38.0, False)
+    slow = [LatencyObs(NOW, 50.0 + k) for k in range(5)]  # above the 30 s prior, all just ended
+    est = latency_estimate(slow, NOW, prior_s=30.0)
+    assert (est.source, est.seconds, est.lower_bound) == ("observed", 54.0, True)

@@ -20,6 +20,7 @@ from routing.sandbox import Knobs
 from routing.sandbox.server import SandboxServer
 from tests.conftest import need_server
 from tests.servers import (
+    RUN_N,
     RedisCluster,
     RedisNode,
     free_ports,
@@ -111,7 +112,7 @@ def test_two_hosts_one_killed_everything_delivered_once(hosts: Hosts, tmp_path: 
             stack.kill("a1")
 
         run_workload(
-            stack, cluster.url, n=200, counts_url=broker.url, during=kill_host_a,
+            stack, cluster.url, n=RUN_N, counts_url=broker.url, during=kill_host_a,
             after_fraction=0.2, exactly_once=False,
         )  # fmt: skip
     finally:

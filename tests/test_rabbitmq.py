@@ -10,7 +10,6 @@ workers (the sweeper reclaims what a lost message held).
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -18,24 +17,11 @@ import pytest
 from config.queues import SERVICE_QUEUES
 from routing.sandbox import Knobs
 from tasks.cli.stack import LocalStack
-from tests.conftest import need_server
-from tests.servers import (
-    RabbitNode,
-    rabbit_binary,
-    run_workload,
-    start_stack,
-)
+from tests.servers import RUN_N, RabbitNode, rabbit, run_workload, start_stack
+
+__all__ = ["rabbit"]  # the session's RabbitMQ node (a fixture of tests/servers.py)
 
 pytestmark = pytest.mark.timeout(300)
-
-
-@pytest.fixture(scope="module")
-def rabbit() -> Iterator[RabbitNode]:
-    if rabbit_binary() is None:
-        need_server("no rabbitmq-server (Debian's package; .ci/run installs it as root)")
-    node = RabbitNode().start()
-    yield node
-    node.stop()
 
 
 def _stack(tmp_path: Path, redis_url: str, rabbit: RabbitNode, knobs: Knobs) -> LocalStack:
@@ -49,7 +35,7 @@ def test_end_to_end_on_rabbitmq(tmp_path: Path, redis_url: str, rabbit: RabbitNo
     knobs = Knobs(latency_ms=5, rate_429=0.05, retry_after_s=0.1, seed=3, batch_turnaround_s=1.0)
     stack = _stack(tmp_path, redis_url, rabbit, knobs)
     try:
-        run_workload(stack, redis_url, n=300, counts_url=redis_url)
+        run_workload(stack, redis_url, n=RUN_N, counts_url=redis_url)
     finally:
         stack.stop()
 
@@ -67,7 +53,7 @@ def test_worker_killed_and_messages_lost_on_rabbitmq(
 
     try:
         run_workload(
-            stack, redis_url, n=200, counts_url=redis_url, during=kill_and_purge,
+            stack, redis_url, n=RUN_N, counts_url=redis_url, during=kill_and_purge,
             after_fraction=0.2, exactly_once=False,
         )  # fmt: skip
     finally:

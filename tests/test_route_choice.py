@@ -283,7 +283,7 @@ def test_accounts_are_filtered_by_the_price_table() -> None:
 
 def test_learn_pools_realtime_and_maps_gpu_aliases() -> None:
     seen = Observations(
-        realtime={"openai|gpt-4o-mini": [LatencyObs(NOW, 2.0)] * 10},
+        realtime={"openai|gpt-4o-mini": [LatencyObs(NOW - 60.0, 2.0)] * 10},
         gpu={"sentence-transformers/all-MiniLM-L6-v2": [GpuObs(NOW, 800.0, 0.2)]},
         gpu_aliases={LOCAL: "sentence-transformers/all-MiniLM-L6-v2"},
     )
@@ -310,7 +310,9 @@ def test_should_hedge_uses_the_fastest_learned_alternative(
     slack: float, latency: float | None, local: bool, hedge: bool
 ) -> None:
     seen = Observations(
-        realtime={} if latency is None else {f"openai|{LOCAL}": [LatencyObs(NOW, latency)] * 10}
+        realtime={}
+        if latency is None
+        else {f"openai|{LOCAL}": [LatencyObs(NOW - 60, latency)] * 10}
     )
     opts = learn(options(local_models=frozenset({LOCAL}) if local else frozenset()), seen, NOW)
     assert should_hedge(NOW + slack, NOW, opts, endpoint=EMBED, model=LOCAL) is hedge

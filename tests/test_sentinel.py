@@ -30,6 +30,7 @@ from routing.sandbox import Knobs
 from routing.store.connect import connect
 from tasks.cli.views import _health_once
 from tests.servers import (
+    RUN_N,
     RedisNode,
     SentinelGroup,
     free_ports,
@@ -126,7 +127,7 @@ def test_master_killed_the_service_follows_nothing_lost(
                 time.sleep(0.2)
 
         run_workload(
-            stack, group.url, n=200, counts_url=counts.url, during=kill_master, exactly_once=False
+            stack, group.url, n=RUN_N, counts_url=counts.url, during=kill_master, exactly_once=False
         )
         assert group.master_port() == group.replicas[0].port
     finally:

@@ -268,10 +268,6 @@ def test_gemini_realtime_priced_from_usage_metadata(stack: LocalStack, table: Pr
 
 
 @pytest.mark.timeout(180)
-@pytest.mark.xfail(
-    strict=True,
-    reason="batch_collect.py reads body['usage'] only: it needs usage_of(body) (H16perf's file)",
-)
 def test_gemini_batch_priced_from_usage_metadata(stack: LocalStack, table: PriceTable) -> None:
     _gemini(stack, "gemini-batch", "bulk", Route.BATCH, table)
 

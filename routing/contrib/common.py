@@ -20,6 +20,7 @@ from routing.callbacks import reserved_celery_name
 from routing.client import Client
 from routing.contrib.answers import Target
 from routing.models import Ticket
+from routing.store.connect import parse_redis_url
 
 __all__ = [
     "BOOKKEEPING_FIELDS",
@@ -31,6 +32,7 @@ __all__ = [
     "IntegrationSettings",
     "PendingRequest",
     "build_request",
+    "celery_broker",
     "enqueue_many_entry",
     "enqueue_many_options",
     "enqueue_options",
@@ -74,6 +76,32 @@ class IntegrationSettings:
 
     def client(self) -> Client:
         return Client(self.redis_url, namespace=self.namespace, tenant=self.tenant)
+
+
+def celery_broker(redis_url: str | None) -> tuple[str, dict[str, Any]]:
+    """The app's Celery broker and transport options: the broker the service sends results on.
+
+    ``MIXBATCH_BROKER_URL`` when set (``MIXBATCH_BROKER_MASTER_NAME`` for a ``sentinel://``
+    one), else the store's own Redis: one node as is, a Sentinel store as Celery's
+    ``sentinel://`` list with its service. Celery cannot speak Cluster, so a cluster store
+    without a broker of its own is refused here, naming the variable, as the service does.
+    """
+    broker = os.environ.get("MIXBATCH_BROKER_URL") or None
+    master = os.environ.get("MIXBATCH_BROKER_MASTER_NAME") or None
+    url = redis_url or os.environ.get("MIXBATCH_REDIS_URL") or ""
+    target = parse_redis_url(url) if url else None
+    if broker is None and target is not None and target.kind == "cluster":
+        raise ValueError(
+            "MIXBATCH_BROKER_URL is unset and MIXBATCH_REDIS_URL is a Redis Cluster, which "
+            "Celery cannot use: set MIXBATCH_BROKER_URL to the service's broker"
+        )
+    if broker is None and target is not None and target.kind == "sentinel":
+        auth = f"{target.username or ''}:{target.password}@" if target.password else ""
+        broker = ";".join(f"sentinel://{auth}{h}:{p}/{target.db}" for h, p in target.nodes)
+        master = master or target.service
+    broker = broker or url
+    options = {"master_name": master} if broker.startswith("sentinel://") and master else {}
+    return broker, options
 
 
 def settings_from(

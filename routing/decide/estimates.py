@@ -26,6 +26,9 @@ The rules, and why:
   enough, and reads the quantile of size-normalised turnarounds, so ``Estimate.at_size(n)``
   answers for a batch of ``n`` lines.
 
+* **A young latency sample is truncated** (a call is recorded when it ends, so at first only
+  the fast ones are in): see ``latency_estimate``.
+
 * **The whole curve travels with the quantile.** An observed turnaround keeps its Kaplan-Meier
   curve (``Estimate.curve``, ``Estimate.p_longer``), so the expected-cost batch rule
   (``routing.decide.expected``) can ask how likely a batch is to be late at any point, not only
@@ -73,6 +76,9 @@ DEFAULT_MIN_SAMPLES = 5
 DEFAULT_HALF_LIFE_S = 2 * 3600.0
 MIN_LOG_SIZE_SPREAD = 0.5
 """Standard deviation of log(size) needed before a size effect is fitted (sizes varying ~1.6x)."""
+MIN_LATENCY_SPAN = 2.0
+"""A latency sample must reach back (earliest call start to now) this many times its own
+quantile before it replaces the prior: a younger one is truncated (``latency_estimate``)."""
 
 
 class QuantileError(ConfigError, ValueError):
@@ -184,6 +190,8 @@ class Estimate(BaseModel):
 
     def describe(self) -> str:
         p = f"p{self.quantile * 100:g}"
+        if self.source == "prior" and self.n >= self.needed:
+            return f"prior ({self.n} observations, too recent: slower calls still running)"
         if self.source == "prior":
             return f"prior ({self.n} of {self.needed} observations seen)"
         bound = " (at least: the tail is still running or expired)" if self.lower_bound else ""
@@ -421,18 +429,26 @@ def turnaround_estimate(
 def latency_estimate(
     obs: Sequence[LatencyObs], now: float, *, prior_s: float, rule: EstimateRule = DEFAULT_RULE
 ) -> Estimate:
-    """The ``rule.quantile`` of realtime latency; the prior until ``min_samples`` calls were seen."""
+    """The ``rule.quantile`` of realtime latency; the prior until ``min_samples`` calls were seen.
+
+    A sample whose earliest call started less than ``MIN_LATENCY_SPAN`` times its own quantile
+    ago is young: calls slower than their age are still running, unseen, so it reads low (flex's
+    first five answers looked like 40 s and one-minute deadlines went to it). A young sample
+    does not replace the prior; one above the prior stands as a lower bound."""
     prior = rule.prior(prior_s, len(obs))
     if prior is not None:
         return prior
     weights = recency_weights([o.at for o in obs], now, rule.half_life_s)
     value = weighted_quantile([o.seconds for o in obs], weights, rule.quantile)
+    seconds = prior_s if value is None else value
+    young = now - min(o.at - o.seconds for o in obs) < MIN_LATENCY_SPAN * seconds
     return Estimate(
-        seconds=prior_s if value is None else value,
+        seconds=max(seconds, prior_s) if young else seconds,
         quantile=rule.quantile,
-        source="observed",
+        source="prior" if young and seconds <= prior_s else "observed",
         n=len(obs),
         needed=rule.min_samples,
+        lower_bound=young,
     )
 
 

@@ -161,6 +161,15 @@ def has_tier(
     return model in listed or base_model(model) in listed
 
 
+def _latency_prior(base: RouteOptions, name: str) -> float:
+    """The prior of a tier's latency, by its observed name (``tier_key``): flex its own (slow),
+    the others the realtime prior. A young sample never reads below it (``latency_estimate``)."""
+    account, _, tier = name.partition("@")
+    if tier == Route.FLEX.value:
+        return base.flex_latency_s.get(account, base.default_flex_latency_s)
+    return base.realtime_estimate_s
+
+
 def learn(base: RouteOptions, seen: Observations, now: float) -> RouteOptions:
     """``base`` with every estimate the observations support (the rest stay on the priors).
 
@@ -193,11 +202,12 @@ def learn(base: RouteOptions, seen: Observations, now: float) -> RouteOptions:
     realtime: dict[str, Estimate] = {}
     by_account: dict[str, list[LatencyObs]] = {}
     for key, obs in seen.realtime.items():
-        realtime[key] = latency_estimate(obs, now, prior_s=base.realtime_estimate_s, rule=rule)
-        by_account.setdefault(key.split("|", 1)[0], []).extend(obs)
-    for account, obs in by_account.items():
-        realtime[f"{account}|*"] = latency_estimate(
-            obs, now, prior_s=base.realtime_estimate_s, rule=rule
+        name = key.split("|", 1)[0]
+        realtime[key] = latency_estimate(obs, now, prior_s=_latency_prior(base, name), rule=rule)
+        by_account.setdefault(name, []).extend(obs)
+    for name, obs in by_account.items():
+        realtime[f"{name}|*"] = latency_estimate(
+            obs, now, prior_s=_latency_prior(base, name), rule=rule
         )
     waits = {key: w for key, h in seen.headroom.items() if (w := rate_limit_wait_s(h, now)) > 0}
     gpu: dict[str, GpuEstimate] = {}

@@ -35,7 +35,7 @@ from collections.abc import Mapping
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from routing.decide.cost import estimate_cost
+from routing.decide.cost import estimate_cost, estimate_tokens
 from routing.decide.expected import rerank_batches
 from routing.decide.flush import batch_pays
 from routing.decide.hedge import (
@@ -60,6 +60,7 @@ __all__ = [
     "choose_route",
     "choose_routes",
     "decide",
+    "decide_one",
     "group_key",
     "provider_for",
     "request_costs",
@@ -108,14 +109,20 @@ def provider_for(request: Prepared) -> str:
     return PROVIDER_BY_ENDPOINT[request.endpoint]
 
 
+#: A claim's prices, memoized: (account, model, endpoint, route, tokens) -> USD or None, warning.
+PriceMemo = dict[tuple[str, str, str, Route, tuple[int, int]], tuple[float | None, str | None]]
+
+
 def request_costs(
-    request: Prepared, options: RouteOptions
+    request: Prepared, options: RouteOptions, memo: PriceMemo | None = None
 ) -> tuple[dict[tuple[Route, str], float | None], list[str]]:
     """Expected USD of ``request`` on each route and account, and warnings for missing prices.
 
     Batch and realtime are priced from the table (``routing.decide.cost.estimate_cost``); the GPU
     from the table's ``local`` entry when there is one, else (None here) from the hardware's
     hourly price and the learned throughput in ``decide``. Without a table: no prices.
+    ``memo`` (one per claim) prices each (account, model, route, token estimate) once: a body
+    enters ``estimate_cost`` only through ``estimate_tokens``, so the memo is exact.
     """
     out: dict[tuple[Route, str], float | None] = {}
     warnings: list[str] = []
@@ -123,20 +130,31 @@ def request_costs(
     if table is None:
         return out, warnings
     endpoint = request.endpoint.value
+    memo = {} if memo is None else memo
+    tokens = estimate_tokens(endpoint, request.body)
+
+    def price(account: str, route: Route) -> tuple[float | None, str | None]:
+        key = (account, request.model, endpoint, route, tokens)
+        found = memo.get(key)
+        if found is None:
+            est = estimate_cost(table, account, request.model, endpoint, request.body, route)
+            found = memo[key] = (est.usd if est.known else None, est.warning)
+        return found
+
     for account in serving_accounts(options, endpoint, request.model):
         routes = [Route.REALTIME]
         if account in options.batch_turnaround_s:
             routes.append(Route.BATCH)
         routes += [t for t in _TIERS if has_tier(options, account, request.model, t, request.lane)]
         for route in routes:
-            est = estimate_cost(table, account, request.model, endpoint, request.body, route)
-            out[(route, account)] = est.usd if est.known else None
-            if not est.known and est.warning and est.warning not in warnings:
-                warnings.append(est.warning)
+            usd, warning = price(account, route)
+            out[(route, account)] = usd
+            if usd is None and warning and warning not in warnings:
+                warnings.append(warning)
     if request.model in options.local_models:
-        est = estimate_cost(table, LOCAL_PROVIDER, request.model, endpoint, request.body, Route.GPU)
-        if est.known:
-            out[(Route.GPU, LOCAL_PROVIDER)] = est.usd
+        usd, _ = price(LOCAL_PROVIDER, Route.GPU)
+        if usd is not None:
+            out[(Route.GPU, LOCAL_PROVIDER)] = usd
     return out, warnings
 
 
@@ -342,8 +360,63 @@ def choose_route(
     such tier is noted in the decision's warnings.
     """
     options = options or RouteOptions()
-    costs, warnings = request_costs(request, options)
-    decision = decide(
+    return choose_routes({"": request}, now, options, pending={"": pending})[""]
+
+
+def choose_routes(
+    requests: Mapping[str, Prepared],
+    now: float,
+    options: RouteOptions,
+    *,
+    pending: Mapping[str, int] | None = None,
+) -> dict[str, Decision]:
+    """The routes of one claim: each request's ``choose_route``, told how many of the claim
+    share its (endpoint, model), the lines its batch group would gain at once.
+
+    ``decide`` runs once per class of requests that give it the same inputs, all of them:
+    endpoint, model, lane, deadline (exactly), the group's pending count, the priced
+    candidates and their warnings (``now`` and ``options`` are the call's). A claim of one
+    lane's backlog, submitted together, is a handful of classes, and the rule's candidates and
+    estimates are built per class, not per request. Requests of a class share one ``Decision``
+    (callers only read it); one whose body asks for a missing tier gets its own copy with the
+    note. ``pending`` overrides the counts (``choose_route``'s single request).
+    """
+    same = Counter((r.endpoint, r.model) for r in requests.values())
+    prices: PriceMemo = {}
+    memo: dict[tuple[object, ...], Decision] = {}
+    out: dict[str, Decision] = {}
+    for rid, request in requests.items():
+        costs, warnings = request_costs(request, options, prices)
+        count = same[(request.endpoint, request.model)] if pending is None else pending[rid]
+        key = (
+            request.endpoint,
+            request.model,
+            request.lane,
+            request.deadline,
+            count,
+            tuple(costs.items()),
+            tuple(warnings),
+        )
+        decision = memo.get(key)
+        if decision is None:
+            decision = memo[key] = decide_one(request, now, options, costs, warnings, count)
+        note = _tier_warning(request, decision)
+        if note is not None:
+            decision = decision.model_copy(update={"warnings": [*decision.warnings, note]})
+        out[rid] = decision
+    return out
+
+
+def decide_one(
+    request: Prepared,
+    now: float,
+    options: RouteOptions,
+    costs: Mapping[tuple[Route, str], float | None],
+    warnings: list[str],
+    pending: int,
+) -> Decision:
+    """``decide`` with a request's own fields (its tier note aside)."""
+    return decide(
         endpoint=request.endpoint.value,
         model=request.model,
         deadline=request.deadline,
@@ -354,22 +427,6 @@ def choose_route(
         lane=request.lane,
         pending=pending,
     )
-    note = _tier_warning(request, decision)
-    if note is not None:
-        decision.warnings.append(note)
-    return decision
-
-
-def choose_routes(
-    requests: Mapping[str, Prepared], now: float, options: RouteOptions
-) -> dict[str, Decision]:
-    """The routes of one claim: each request's ``choose_route``, told how many of the claim
-    share its (endpoint, model), the lines its batch group would gain at once."""
-    same = Counter((r.endpoint, r.model) for r in requests.values())
-    return {
-        rid: choose_route(r, now, options, pending=same[(r.endpoint, r.model)])
-        for rid, r in requests.items()
-    }
 
 
 def group_key(request: Prepared, decision: Decision) -> tuple[str, str, str]:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 
 from routing.engine.batch_handles import BatchHandles, fail, requeue
+from routing.engine.pricing import usage_of
 from routing.errors import MixbatchError
 from routing.faults import fault_point
 from routing.models import ErrorInfo, Prepared, Route, StoredResult
@@ -116,8 +117,7 @@ class _Finishes:
         record = self.record
         if line.ok:
             body = line.body or {}
-            usage = body.get("usage")
-            usage = usage if isinstance(usage, dict) else None
+            usage = usage_of(body)
             result = StoredResult(
                 status_code=line.status_code or 200,
                 body=body,
@@ -148,8 +148,8 @@ class _Finishes:
     def _billed(self, request: Prepared | None, line: LineResult) -> tuple[Prepared, Cost] | None:
         """What a failed line cost: only where the account bills failed lines (its price entry's
         ``bills_failed_lines``) and the line carries usage; None (nothing billed) otherwise."""
-        usage = (line.body or {}).get("usage")
-        if request is None or not isinstance(usage, dict) or self.h.failed_price is None:
+        usage = usage_of(line.body)
+        if request is None or usage is None or self.h.failed_price is None:
             return None
         usd = self.h.failed_price(self.record.provider, request.model, usage)
         if usd <= 0.0:

@@ -207,14 +207,15 @@ def _shed(rt: Realtime, claimed: Claimed, exc: RateLimited) -> None:
 
 def answered_tier(body: dict[str, Any], route: Route) -> tuple[str, Route]:
     """The tier that answered, from the provider's echo (``service_tier``, top level or in
-    Anthropic's ``usage``), and the route it is priced as; without an echo, the tier asked."""
-    usage = body.get("usage")
+    Anthropic's ``usage``; Gemini's ``usageMetadata.serviceTier``), and the route it is priced
+    as; without an echo, the tier asked."""
+    usage = body.get("usage") or body.get("usageMetadata")
     echo = body.get("service_tier")
     if not isinstance(echo, str) and isinstance(usage, dict):
-        echo = usage.get("service_tier")
+        echo = usage.get("service_tier") or usage.get("serviceTier")
     if not isinstance(echo, str) or not echo:
         return SERVICE_TIER.get(route) or "default", route
-    priced = {"flex": Route.FLEX, "priority": Route.PRIORITY}.get(echo, Route.REALTIME)
+    priced = {"flex": Route.FLEX, "priority": Route.PRIORITY}.get(echo.lower(), Route.REALTIME)
     return echo, priced
 
 

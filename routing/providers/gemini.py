@@ -5,6 +5,12 @@ Requests keep Gemini's own shape: the body is a ``GenerateContentRequest`` (or a
 mixbatch stores the model in the body as every request does; it is taken out of the body and put
 in the path here. The account's ``base_url`` has no version (the google-genai SDK's convention);
 the key goes in ``x-goog-api-key``.
+
+The flex and priority tiers: the route sets ``service_tier`` in the body (``"flex"`` or
+``"priority"``); it is sent as ``serviceTier``, as google-genai 3.6.1 sends
+``GenerateContentConfig(service_tier=...)``: a top-level field of the request, its value in lower
+case. The tier that answered comes back in ``usageMetadata.serviceTier`` (the SDK's output-only
+field; the live API's echo is unconfirmed [U]), which the realtime route reads.
 """
 
 from __future__ import annotations
@@ -56,4 +62,17 @@ class GeminiAdapter(GeminiProtocol, RealtimeAdapter):
         model = body.get("model")
         if not isinstance(model, str):
             raise ProviderError(f"{self.account.name}: the request names no model", retryable=False)
-        return model_path(endpoint, model), {k: v for k, v in body.items() if k != "model"}
+        return model_path(endpoint, model), _tiered(body)
+
+
+def _tiered(body: dict[str, Any]) -> dict[str, Any]:
+    """``body`` less its model, the route's ``service_tier`` sent as ``serviceTier``. The route
+    decides the tier (``with_tier``): a flex or priority ``serviceTier`` the producer wrote is
+    taken out when the route set none, as ``service_tier`` is."""
+    sent = {k: v for k, v in body.items() if k not in ("model", "service_tier", "serviceTier")}
+    tier = body.get("service_tier")
+    if tier is None and body.get("serviceTier") not in ("flex", "priority"):
+        tier = body.get("serviceTier")
+    if tier is not None:
+        sent["serviceTier"] = tier
+    return sent

@@ -15,6 +15,8 @@ A candidate's text starts with the first 16 hex digits of the SHA-256 of the las
 text (the sandbox's answer contract). Batches answer inline when they were sent inline, else in a
 responses file of ``{key, response | error}`` lines; with ``gemini_stuck_pending`` a batch never
 starts and expires at 48 h sandbox time with no results. Creation is not idempotent.
+generateContent takes ``serviceTier`` (flex, priority) and echoes the tier in
+``usageMetadata.serviceTier``; flex has the OpenAI routes' knobs (``_service_tier``).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute
 
+from routing.decide.cost import base_model
 from routing.sandbox import answers
 from routing.sandbox.batch_native import (
     NativeError,
@@ -286,10 +289,40 @@ async def models_call(request: Request, state: SandboxState) -> Response | dict[
             await state.pause(state.knobs.hang_s)
         elif kind is not None:
             raise NativeError(int(kind), f"injected fault {kind} (mixbatch sandbox)")
-        return gemini_response(verb, _check(verb, body), model)
+        answer = gemini_response(verb, _check(verb, body), model)
+        if verb == "generateContent":
+            answer["usageMetadata"]["serviceTier"] = await _service_tier(state, body, model)
+        return answer
     if verb in ("batchGenerateContent", "asyncBatchEmbedContent"):
         return _create_batch(request, state, model, verb, body)
     raise NativeError(404, f"models/{model}:{verb} is not a method the sandbox serves")
+
+
+async def _service_tier(state: SandboxState, body: Mapping[str, Any], model: str) -> str:
+    """The tier a generateContent call is served at, echoed in ``usageMetadata.serviceTier``
+    (the sandbox's choice: google-genai's output-only field; the live API's echo is unconfirmed).
+
+    Flex, as on the OpenAI routes, is slower (``flex_latency_ms``), sheds load and is refused
+    with a 400 for a model outside ``flex_models``. A shed Gemini call is a 429
+    ``RESOURCE_EXHAUSTED`` whichever knob drew it (``flex_rate_429``, or Groq's ``flex_rate_498``).
+    """
+    raw = body.get("serviceTier", body.get("service_tier")) or "standard"
+    asked = str(raw).lower().removeprefix("service_tier_")
+    if asked == "unspecified":
+        asked = "standard"
+    if asked not in ("standard", "flex", "priority"):
+        raise NativeError(400, f"Invalid value at 'service_tier': \"{raw}\"", "INVALID_ARGUMENT")
+    if asked != "flex":
+        return asked
+    knobs, bare = state.knobs, model.removeprefix("models/")
+    if bare not in knobs.flex_models and base_model(bare) not in knobs.flex_models:
+        raise NativeError(400, f"Flex inference is not available for model {bare!r}.")
+    await state.pause(knobs.flex_latency_ms / 1000)
+    if state.choose_flex_shed() is not None:
+        raise NativeError(
+            429, "Resource has been exhausted: flex capacity is short (mixbatch sandbox)."
+        )
+    return "flex"
 
 
 def _create_batch(

@@ -80,7 +80,10 @@ class Knobs(BaseModel):
         "probability a flex call is shed with 498 capacity_exceeded (Groq)"
     )
     flex_models: list[str] = Field(
-        default_factory=lambda: ["gpt-5", "gpt-5-mini", "gpt-5-nano", "o3", "o4-mini"],
+        default_factory=lambda: [
+            *("gpt-5", "gpt-5-mini", "gpt-5-nano", "o3", "o4-mini"),
+            *("gemini-3-flash-preview", "gemini-2.5-flash", "gemini-2.5-pro"),
+        ],
         description='models that take service_tier "flex"; others answer 400, as OpenAI does',
     )
     gemini_stuck_pending: bool = Field(

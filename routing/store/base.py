@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import contextlib
 import json
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 from urllib.parse import parse_qsl, urlencode
 
 import redis
+from pydantic import BaseModel
 
 from routing.errors import ConfigError, StoreUnavailable
 from routing.keys import Keys, lane_of, shard_of
@@ -24,6 +25,7 @@ __all__ = [
     "CANCELLABLE",
     "CANCELLED",
     "StoreBase",
+    "decision_calls",
     "decode",
     "dumps",
     "redact_url",
@@ -35,6 +37,8 @@ __all__ = [
 CANCELLED = ErrorInfo(code="cancelled", message="cancelled by the caller")
 CANCELLABLE = (State.QUEUED, *LEASED, State.SUBMITTED)
 #: ``settle.lua``'s KEYS, by their names in ``StoreBase.request_keys``.
+#: Requests per ``save_decision.lua`` call: a claim's decisions in a few calls, none too long.
+DECISION_CHUNK = 500
 _SETTLE_KEYS = ("req", "leases", "q", "qage", "delayed", "outbox", "finished", "counts", "notify")
 
 
@@ -209,3 +213,28 @@ class StoreBase:
         ``{1, from, CANCELLED}``, ``{0, state}`` when it had finished, ``{}`` when unknown)."""
         result = dumps(StoredResult(error=CANCELLED).stored())
         return self.settle_call(request_id, "", State.CANCELLED, result, now, CANCELLABLE)
+
+
+def decision_calls(
+    keys: Keys, decisions: Mapping[str, BaseModel]
+) -> Iterator[tuple[list[str], list[str]]]:
+    """``save_decision.lua``'s (KEYS, ARGV) for ``decisions``: one call per lane shard (its
+    request hashes share a slot) and ``DECISION_CHUNK`` requests, each distinct record (the
+    route choice shares one ``Decision`` per class of requests) serialized and sent once."""
+    by_slot: dict[tuple[str, int], list[str]] = {}
+    for rid in decisions:
+        by_slot.setdefault((lane_of(rid), shard_of(rid)), []).append(rid)
+    for ids in by_slot.values():
+        for start in range(0, len(ids), DECISION_CHUNK):
+            chunk = ids[start : start + DECISION_CHUNK]
+            slots: dict[int, int] = {}  # id() of a record -> its 1-based place in ARGV
+            records: list[str] = []
+            picks: list[str] = []
+            for rid in chunk:
+                record = decisions[rid]
+                place = slots.get(id(record))
+                if place is None:
+                    records.append(record.model_dump_json())
+                    place = slots[id(record)] = len(records)
+                picks.append(str(place))
+            yield [keys.request(rid) for rid in chunk], [str(len(records)), *records, *picks]

@@ -57,7 +57,7 @@ from routing.decide.ratelimit import Headroom, parse_rate_limit
 from routing.decide.route import Decision
 from routing.errors import NotFound
 from routing.keys import Keys, ObsKind, lane_of
-from routing.store.base import store_errors
+from routing.store.base import decision_calls, store_errors
 from routing.store.scripts import Scripts
 
 log = logging.getLogger(__name__)
@@ -347,18 +347,15 @@ class DecisionStore:
         self._save = Scripts(client)["save_decision"]
 
     def save_many(self, decisions: Mapping[str, Decision]) -> None:
-        """Store decisions in one pipeline; a request that is gone is skipped. Advisory."""
+        """Store decisions in one pipeline, one script per lane shard and chunk, each class's
+        record serialized once; a request that is gone is skipped. Advisory."""
         if not decisions:
             return
         try:
             with store_errors(self.url):
                 pipe = self.redis.pipeline(transaction=False)
-                for rid, decision in decisions.items():
-                    self._save(
-                        keys=[self.keys.request(rid)],
-                        args=[decision.model_dump_json()],
-                        client=pipe,
-                    )
+                for keys, args in decision_calls(self.keys, decisions):
+                    self._save(keys=keys, args=args, client=pipe)
                 pipe.execute()
         except Exception as exc:
             log.warning("decisions not recorded", extra={"n": len(decisions), "error": str(exc)})

@@ -13,8 +13,8 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 from routing.errors import InvalidRequest, LaneFull
-from routing.keys import lane_of, new_request_id, shard_of
-from routing.models import LaneSpec, Prepared, ServiceConfig, Ticket
+from routing.keys import lane_of, new_request_id, new_request_ids, shard_of
+from routing.models import LaneSpec, Prepared, ServiceConfig, Ticket, trusted
 from routing.states import State
 from routing.store.base import StoreBase, decode, dumps, store_errors
 from routing.store.connect import NO_WAIT, Replication
@@ -58,7 +58,10 @@ class SubmitOps(StoreBase):
         for i, p in enumerate(items):
             _check_numbers(p, i)
         self.learn_lanes(lanes.lanes)
-        ids = [new_request_id(p.lane, now, lanes.lane(p.lane).shards) for p in items]
+        shards = {spec.name: spec.shards for spec in lanes.lanes}
+        ids = new_request_ids(
+            [(p.lane, shards.get(p.lane) or lanes.lane(p.lane).shards) for p in items], now
+        )
         first_of: dict[str, int] = {}
         alias: dict[int, int] = {}
         idem: list[tuple[int, str]] = []
@@ -81,22 +84,23 @@ class SubmitOps(StoreBase):
                 if losers:
                     self._resolve_duplicates(items, ids, losers, tickets, create, now)
             outcomes = self._create(items, ids, sorted(create), lanes, now)
-            self.replication.confirm(self.redis, [self.keys.request(ids[i]) for i, _ in outcomes])
+            self.replication.confirm(self.redis, [key for _, _, _, key in outcomes])
         full: dict[str, list[int]] = {}
-        for i, code in outcomes:
+        for i, code, lane, _ in outcomes:
             if code == -2:
                 self._release_idempotency([(items[i], ids[i])])
                 raise _unorderable(i, "deadline")
             if code == -1:
-                full.setdefault(lane_of(ids[i]), []).append(i)
+                full.setdefault(lane, []).append(i)
                 continue
-            tickets[i] = Ticket(
-                id=ids[i],
-                custom_id=items[i].custom_id,
-                lane=lane_of(ids[i]),
-                deadline=items[i].deadline,
-                duplicate=False,
-            )
+            fields = {
+                "id": ids[i],
+                "custom_id": items[i].custom_id,
+                "lane": lane,
+                "deadline": float(items[i].deadline),
+                "duplicate": False,
+            }
+            tickets[i] = trusted(Ticket, fields)  # checked by _check_numbers; ours
         for i, j in alias.items():
             first = tickets[j]
             if first is not None:
@@ -189,14 +193,15 @@ class SubmitOps(StoreBase):
         order: list[int],
         lanes: ServiceConfig,
         now: float,
-    ) -> list[tuple[int, int]]:
+    ) -> list[tuple[int, int, str, str]]:
         """Create requests, one script per lane shard and chunk: one fsync and one reply per
-        chunk, every request's hash in the script's KEYS."""
+        chunk, every request's hash in the script's KEYS. Returns (index, code, lane, hash key)
+        per request, so the caller parses no id again."""
         by_shard: dict[tuple[str, int], list[int]] = {}
         for i in order:
-            by_shard.setdefault((lane_of(ids[i]), shard_of(ids[i])), []).append(i)
+            by_shard.setdefault(_lane_shard(ids[i]), []).append(i)
         pipe = self.redis.pipeline(transaction=False)
-        calls: list[list[int]] = []
+        calls: list[tuple[list[int], str, str]] = []
         k = self.keys
         for (lane, shard), members in by_shard.items():
             cap = shard_cap(lanes.lane(lane))
@@ -222,10 +227,12 @@ class SubmitOps(StoreBase):
                 keys.extend(prefix + ids[i] for i in chunk)
                 args = [cap, repr(now), State.QUEUED.value, _rows(rows)]
                 self.scripts["submit_many"](keys=keys, args=args, client=pipe)
-                calls.append(chunk)
-        out: list[tuple[int, int]] = []
-        for chunk, codes in zip(calls, pipe.execute(), strict=True):
-            out.extend((i, int(code)) for i, code in zip(chunk, codes, strict=True))
+                calls.append((chunk, lane, prefix))
+        out: list[tuple[int, int, str, str]] = []
+        for (chunk, lane, prefix), codes in zip(calls, pipe.execute(), strict=True):
+            out.extend(
+                (i, int(code), lane, prefix + ids[i]) for i, code in zip(chunk, codes, strict=True)
+            )
         return out
 
     def submit_one(
@@ -297,6 +304,15 @@ def _rows(rows: list[list[Any]]) -> str | bytes:
         except TypeError:  # a string orjson will not encode (a lone surrogate): json can
             pass
     return dumps(rows)
+
+
+def _lane_shard(request_id: str) -> tuple[str, int]:
+    """``(lane_of(id), shard_of(id))`` in one parse: bulk submit asks for every id."""
+    lane, _, rest = request_id.partition(".")
+    head, sep, _ = rest.partition(".")
+    if not lane or not rest:
+        lane_of(request_id)  # raises, naming the id
+    return lane, int(head) if sep and head.isdigit() and len(head) <= 2 else 0
 
 
 def shard_cap(spec: LaneSpec) -> int:

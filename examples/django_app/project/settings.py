@@ -5,6 +5,7 @@ The environment says where things are, so the same settings serve ``runserver``,
 worker and the tests:
 
     MIXBATCH_REDIS_URL     the mixbatch service's Redis (lanes and the Celery broker)
+    MIXBATCH_BROKER_URL    the service's own Celery broker, when it has one (a cluster store)
     MIXBATCH_NAMESPACE     the service's key prefix, default "mb"
     DOCS_DATABASE          the SQLite file, default db.sqlite3 here
     DOCS_TEST_DATABASE     the test database's file (a file, not memory: the worker shares it)
@@ -12,6 +13,8 @@ worker and the tests:
 
 import os
 from pathlib import Path
+
+from routing.contrib.common import celery_broker
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 
@@ -49,8 +52,9 @@ MIXBATCH = {
     "CALLBACK_QUEUE": "docs.callbacks",
 }
 
-# Celery (the worker that writes answers back) talks to the same Redis.
-CELERY_BROKER_URL = MIXBATCH["REDIS_URL"]
+# Celery (the worker that writes answers back) talks to the service's broker: its own
+# MIXBATCH_BROKER_URL, else the same Redis (a Sentinel store through Celery's sentinel://).
+CELERY_BROKER_URL, CELERY_BROKER_TRANSPORT_OPTIONS = celery_broker(MIXBATCH["REDIS_URL"])
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 CELERY_TASK_IGNORE_RESULT = True
 CELERY_ACCEPT_CONTENT = ["json"]

@@ -5,7 +5,8 @@
     celery -A make_celery beat                                # the app's own recurring jobs
 
 The environment says where things are, so the same code serves the web app, the worker and the
-tests: ``MIXBATCH_REDIS_URL`` (the service's Redis, also the Celery broker),
+tests: ``MIXBATCH_REDIS_URL`` (the service's Redis, also the Celery broker unless
+``MIXBATCH_BROKER_URL`` names the service's own),
 ``MIXBATCH_NAMESPACE`` (default "mb") and ``FLASK_DOCS_DATABASE_URL`` (a SQLAlchemy URL,
 default ``db.sqlite3`` beside this package). ``FLASK_DOCS_DIGEST_EVERY_S`` runs the daily digest
 every so many seconds instead of at 06:00 UTC (the tests use it).
@@ -23,7 +24,7 @@ from flask import Flask
 
 from flask_docs.db import metadata, mixbatch
 from flask_docs.requests import digest_requests
-from routing.contrib.common import enqueue_many_entry
+from routing.contrib.common import celery_broker, enqueue_many_entry
 
 DEFAULT_DATABASE = Path(__file__).resolve().parent.parent / "db.sqlite3"
 
@@ -56,8 +57,9 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
 def celery_init_app(app: Flask) -> Celery:
     """Flask's documented Celery pattern, plus mixbatch's ready callback task.
 
-    The broker is the mixbatch service's Redis: the service delivers each result by sending
-    ``mixbatch_flask.store_answer`` to the ``flask_docs.callbacks`` queue there.
+    The broker is the mixbatch service's (``celery_broker``: ``MIXBATCH_BROKER_URL``, else its
+    Redis): the service delivers each result by sending ``mixbatch_flask.store_answer`` to the
+    ``flask_docs.callbacks`` queue there.
     """
 
     class FlaskTask(Task):
@@ -66,8 +68,10 @@ def celery_init_app(app: Flask) -> Celery:
                 return self.run(*args, **kwargs)
 
     celery_app = Celery(app.name, task_cls=FlaskTask)
+    broker, transport_options = celery_broker(app.config["MIXBATCH_REDIS_URL"])
     celery_app.conf.update(
-        broker_url=app.config["MIXBATCH_REDIS_URL"],
+        broker_url=broker,
+        broker_transport_options=transport_options,
         broker_connection_retry_on_startup=True,
         task_ignore_result=True,
         accept_content=["json"],
