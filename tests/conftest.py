@@ -15,6 +15,7 @@ from routing.decide.lanes import parse_lanes
 from routing.models import ServiceConfig
 from routing.store.embedded import EmbeddedRedis
 from routing.store.lanes import LaneStore
+from tests.servers import rabbit  # noqa: F401  (one RabbitMQ node for the session, every module)
 
 ROOT = Path(__file__).resolve().parent.parent
 

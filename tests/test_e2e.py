@@ -1,7 +1,8 @@
 """End to end: real Redis, real worker processes, real beat, the sandbox over real HTTP.
 
 Each test gets its own Redis database, so broker queues and lanes of one test never meet
-another's workers.
+another's workers. The thousand-request run also runs with RabbitMQ as Celery's broker
+(``MIXBATCH_BROKER_URL=amqp://``), the lanes staying in Redis.
 """
 
 from __future__ import annotations
@@ -103,8 +104,24 @@ def payloads(url: str) -> dict[str, dict[str, Any]]:
         r.close()
 
 
+@pytest.fixture(params=["redis", "amqp"])
+def broker_env(request: pytest.FixtureRequest) -> Iterator[dict[str, str]]:
+    """Celery's broker: the lanes' own Redis (the default), or a RabbitMQ node, which must then
+    have carried the callbacks (so the case cannot pass on Redis by mistake)."""
+    if request.param == "redis":
+        yield {}
+        return
+    node = request.getfixturevalue("rabbit")
+    yield {"MIXBATCH_BROKER_URL": node.url}
+    queues = node.ctl("list_queues", "name")
+    assert queues.returncode == 0, queues.stderr.decode()
+    assert b"e2e.callbacks" in queues.stdout, queues.stdout.decode()
+
+
 @pytest.mark.timeout(420)
-def test_thousand_requests_two_workers_delivered_exactly_once(tmp_path: Path, db_url: str) -> None:
+def test_thousand_requests_two_workers_delivered_exactly_once(
+    tmp_path: Path, db_url: str, broker_env: dict[str, str]
+) -> None:
     knobs = Knobs(
         latency_ms=5,
         rate_429=0.05,
@@ -113,7 +130,7 @@ def test_thousand_requests_two_workers_delivered_exactly_once(tmp_path: Path, db
         seed=3,
         batch_turnaround_s=1.0,
     )
-    stack = make_stack(tmp_path, db_url, knobs)
+    stack = make_stack(tmp_path, db_url, knobs, **broker_env)
     try:
         stack.start_worker("w1", concurrency=2)
         stack.start_worker("w2", concurrency=2)

@@ -17,9 +17,7 @@ import pytest
 from config.queues import SERVICE_QUEUES
 from routing.sandbox import Knobs
 from tasks.cli.stack import LocalStack
-from tests.servers import RUN_N, RabbitNode, rabbit, run_workload, start_stack
-
-__all__ = ["rabbit"]  # the session's RabbitMQ node (a fixture of tests/servers.py)
+from tests.servers import RUN_N, RabbitNode, run_workload, start_stack
 
 pytestmark = pytest.mark.timeout(300)
 
